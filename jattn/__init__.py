@@ -1,0 +1,40 @@
+"""jattn: self-attention as pure, composable JAX functions over a parameter pytree.
+
+Import the public names from here; the ``jattn._*`` modules are private.
+"""
+
+from jattn._attention import attention as attention
+from jattn._attention import explain as explain
+from jattn._attention import self_attention as self_attention
+from jattn._core import attention_scores as attention_scores
+from jattn._core import dot_product_attention as dot_product_attention
+from jattn._core import masked_softmax as masked_softmax
+from jattn._core import weighted_sum as weighted_sum
+from jattn._masks import causal_mask as causal_mask
+from jattn._masks import combine_masks as combine_masks
+from jattn._masks import padding_mask as padding_mask
+from jattn._masks import sliding_window_mask as sliding_window_mask
+from jattn._params import INITIALIZER_NAMES as INITIALIZER_NAMES
+from jattn._params import get_initializer as get_initializer
+from jattn._params import init as init
+from jattn._walkthrough import walkthrough_example as walkthrough_example
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "INITIALIZER_NAMES",
+  "attention",
+  "attention_scores",
+  "causal_mask",
+  "combine_masks",
+  "dot_product_attention",
+  "explain",
+  "get_initializer",
+  "init",
+  "masked_softmax",
+  "padding_mask",
+  "self_attention",
+  "sliding_window_mask",
+  "walkthrough_example",
+  "weighted_sum",
+)

@@ -1,0 +1,319 @@
+"""The parameter pytree, its initialisation, validation and the projections.
+
+The layout is that of ``flax.linen.MultiHeadDotProductAttention`` (and nnx's), so
+a pytree moves between jattn and Flax with no conversion::
+
+  {"query": {"kernel": (F, N, H), "bias": (N, H)},     # bias optional
+   "key":   {"kernel": (Fkv, K, H), "bias": (K, H)},
+   "value": {"kernel": (Fkv, K, D), "bias": (K, D)},
+   "out":   {"kernel": (N, D, O), "bias": (O,)}}        # "out" optional
+
+  F  query input features     Fkv  key/value input features     O  output features
+  N  query heads              K    key/value heads               H  query/key head size
+  D  value head size
+
+A 2-D kernel ``(F, H)`` (bias ``(H,)``) is one head, so the walkthrough's 4x3
+matrices go in exactly as printed. Without ``"out"`` the heads' outputs are
+concatenated: ``(..., T, N * D)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = Mapping[str, Mapping[str, Array]]
+
+_PROJECTIONS = ("query", "key", "value")
+
+
+def _variance_scaling(scale, mode, distribution):
+  return lambda in_axis, out_axis, dtype, stddev: jax.nn.initializers.variance_scaling(
+    scale, mode, distribution, in_axis=in_axis, out_axis=out_axis, dtype=dtype
+  )
+
+
+# Each entry builds a jax.nn initializer from (in_axis, out_axis, dtype, stddev).
+INITIALIZERS: dict[str, Callable[..., jax.nn.initializers.Initializer]] = {
+  "normal": lambda i, o, dtype, stddev: jax.nn.initializers.normal(stddev, dtype),
+  "xavier_uniform": _variance_scaling(1.0, "fan_avg", "uniform"),
+  "xavier_normal": _variance_scaling(1.0, "fan_avg", "truncated_normal"),
+  "he_uniform": _variance_scaling(2.0, "fan_in", "uniform"),
+  "he_normal": _variance_scaling(2.0, "fan_in", "truncated_normal"),
+  "lecun_uniform": _variance_scaling(1.0, "fan_in", "uniform"),
+  "lecun_normal": _variance_scaling(1.0, "fan_in", "truncated_normal"),
+}
+_ALIASES = {
+  "gaussian": "normal",
+  "glorot_uniform": "xavier_uniform",
+  "glorot_normal": "xavier_normal",
+  "kaiming_uniform": "he_uniform",
+  "kaiming_normal": "he_normal",
+}
+INITIALIZER_NAMES = tuple(sorted([*INITIALIZERS, *_ALIASES]))
+
+
+def get_initializer(
+  name: str | Callable,
+  *,
+  in_axis: int | tuple[int, ...] = 0,
+  out_axis: int | tuple[int, ...] = -1,
+  dtype: Any = jnp.float32,
+  stddev: float = 0.02,
+) -> Callable:
+  """A ``jax.nn.initializers`` initializer chosen by name (or a callable, returned as is).
+
+  The fans of a multi-head kernel ``(F, N, H)`` are ``F`` in and ``N * H`` out,
+  exactly as for the equivalent 2-D ``(F, N * H)`` matrix.
+
+  Args:
+    name: one of :data:`INITIALIZER_NAMES` (``"normal"``/``"gaussian"``,
+      ``"xavier_uniform"``/``"glorot_uniform"``, ``"xavier_normal"``,
+      ``"he_uniform"``/``"kaiming_uniform"``, ``"he_normal"``, ``"lecun_uniform"``,
+      ``"lecun_normal"``), or an initializer ``(key, shape, dtype) -> Array``.
+    in_axis: the kernel axes that are fan-in.
+    out_axis: the kernel axes that are fan-out.
+    dtype: default dtype of the initializer.
+    stddev: standard deviation of ``"normal"``.
+
+  Raises:
+    ValueError: for an unknown name, listing the choices.
+  """
+  if callable(name):
+    return name
+  if not isinstance(name, str):
+    raise TypeError(f"initializer must be a name or a callable, got {type(name).__name__}.")
+  key = _ALIASES.get(name.lower(), name.lower())
+  if key not in INITIALIZERS:
+    raise ValueError(f"unknown initializer {name!r}; choose one of {', '.join(INITIALIZER_NAMES)}.")
+  if key == "normal" and not stddev > 0:
+    raise ValueError(f"stddev must be positive, got {stddev}.")
+  return INITIALIZERS[key](in_axis, out_axis, dtype, stddev)
+
+
+def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise TypeError(f"{name} must be an int, got {value!r}.")
+  if value <= 0:
+    raise ValueError(f"{name} must be positive, got {value}.")
+
+
+def init(
+  rng: Array,
+  in_features: int,
+  head_dim: int,
+  *,
+  num_heads: int = 1,
+  num_kv_heads: int | None = None,
+  v_head_dim: int | None = None,
+  kv_features: int | None = None,
+  out_features: int | None = None,
+  use_bias: bool = False,
+  kernel_init: str | Callable = "lecun_normal",
+  bias_init: Callable = jax.nn.initializers.zeros,
+  stddev: float = 0.02,
+  dtype: Any = jnp.float32,
+) -> dict[str, dict[str, Array]]:
+  """Creates an attention parameter pytree (Flax ``MultiHeadDotProductAttention`` layout).
+
+  Args:
+    rng: a PRNG key.
+    in_features: ``F``, the features of the query inputs.
+    head_dim: ``H``, the query/key size of each head.
+    num_heads: ``N``, query heads.
+    num_kv_heads: ``K``, key/value heads (default ``N``; a divisor of ``N``).
+    v_head_dim: ``D``, the value size of each head (default ``H``).
+    kv_features: ``Fkv``, features of the key/value inputs (default ``F``).
+    out_features: ``O``: add an ``"out"`` projection ``(N, D, O)``; None (the
+      default, as in the walkthrough) concatenates the heads instead.
+    use_bias: add biases to every projection.
+    kernel_init: an initializer name (see :func:`get_initializer`) or callable.
+    bias_init: a ``jax.nn.initializers`` initializer for the biases.
+    stddev: standard deviation for ``kernel_init="normal"``.
+    dtype: dtype of every leaf.
+
+  Returns:
+    A nested dict of arrays: ``query``/``key``/``value``/(``out``) with
+    ``kernel`` and (if ``use_bias``) ``bias``.
+
+  Examples:
+    >>> import jax, jattn
+    >>> p = jattn.init(jax.random.key(0), 16, 8, num_heads=4, num_kv_heads=2, out_features=16)
+    >>> jax.tree.map(lambda a: a.shape, p)["key"]
+    {'kernel': (16, 2, 8)}
+  """
+  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  v_head_dim = head_dim if v_head_dim is None else v_head_dim
+  kv_features = in_features if kv_features is None else kv_features
+  for name, value in (
+    ("in_features", in_features),
+    ("head_dim", head_dim),
+    ("num_heads", num_heads),
+    ("num_kv_heads", num_kv_heads),
+    ("v_head_dim", v_head_dim),
+    ("kv_features", kv_features),
+  ):
+    _positive(name, value)
+  _positive("out_features", out_features, allow_none=True)
+  if num_heads % num_kv_heads:
+    raise ValueError(
+      f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})."
+    )
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype must be floating point, got {dtype}.")
+  in_init = get_initializer(kernel_init, in_axis=0, out_axis=(1, 2), dtype=dtype, stddev=stddev)
+  shapes = {
+    "query": ((in_features, num_heads, head_dim), (num_heads, head_dim)),
+    "key": ((kv_features, num_kv_heads, head_dim), (num_kv_heads, head_dim)),
+    "value": ((kv_features, num_kv_heads, v_head_dim), (num_kv_heads, v_head_dim)),
+  }
+  inits = dict.fromkeys(shapes, in_init)
+  if out_features is not None:
+    shapes["out"] = ((num_heads, v_head_dim, out_features), (out_features,))
+    inits["out"] = get_initializer(
+      kernel_init, in_axis=(0, 1), out_axis=2, dtype=dtype, stddev=stddev
+    )
+  keys = jax.random.split(rng, 2 * len(shapes))
+  params = {}
+  for i, (name, (kernel_shape, bias_shape)) in enumerate(shapes.items()):
+    params[name] = {"kernel": inits[name](keys[2 * i], kernel_shape, dtype)}
+    if use_bias:
+      params[name]["bias"] = bias_init(keys[2 * i + 1], bias_shape, dtype)
+  return params
+
+
+def _entry(params: Any, name: str) -> tuple[Array, Array | None]:
+  if not isinstance(params, Mapping):
+    raise TypeError(
+      f"params must be a mapping like jattn.init's output, got {type(params).__name__}."
+    )
+  if name not in params:
+    raise ValueError(
+      f"params is missing the {name!r} entry; it has {sorted(params)}. "
+      "Expected keys: 'query', 'key', 'value' and optionally 'out'."
+    )
+  entry = params[name]
+  if not isinstance(entry, Mapping) or "kernel" not in entry:
+    raise ValueError(f"params[{name!r}] must be a mapping with a 'kernel' (and optional 'bias').")
+  kernel = jnp.asarray(entry["kernel"])
+  bias = entry.get("bias")
+  return kernel, None if bias is None else jnp.asarray(bias)
+
+
+def _headed(name: str, kernel: Array, bias: Array | None) -> tuple[Array, Array | None]:
+  """Normalises a projection to a kernel ``(F, heads, size)`` and bias ``(heads, size)``."""
+  if kernel.ndim == 2:
+    kernel = kernel[:, None, :]
+    bias = None if bias is None else bias[None]
+  if kernel.ndim != 3:
+    raise ValueError(
+      f"params[{name!r}]['kernel'] must be (in, heads, head_dim) or (in, head_dim); "
+      f"got shape {kernel.shape}."
+    )
+  if bias is not None and bias.shape != kernel.shape[1:]:
+    raise ValueError(
+      f"params[{name!r}]['bias'] must have shape {kernel.shape[1:]} to match its kernel "
+      f"{kernel.shape}; got {bias.shape}."
+    )
+  return kernel, bias
+
+
+class Projections:
+  """A validated view of a params pytree: normalised kernels and their sizes."""
+
+  def __init__(self, params: Any):
+    entries = {name: _headed(name, *_entry(params, name)) for name in _PROJECTIONS}
+    self.query, self.key, self.value = (entries[n] for n in _PROJECTIONS)
+    (q_kernel, _), (k_kernel, _), (v_kernel, _) = self.query, self.key, self.value
+    self.headless = all(jnp.ndim(params[n]["kernel"]) == 2 for n in _PROJECTIONS)
+    if q_kernel.shape[-1] != k_kernel.shape[-1]:
+      raise ValueError(
+        "query and key kernels must project to the same head size (they are dotted): "
+        f"query kernel {q_kernel.shape}, key kernel {k_kernel.shape}."
+      )
+    if k_kernel.shape[:2] != v_kernel.shape[:2]:
+      raise ValueError(
+        "key and value kernels must share input features and heads: "
+        f"key kernel {k_kernel.shape}, value kernel {v_kernel.shape}."
+      )
+    if q_kernel.shape[1] % k_kernel.shape[1]:
+      raise ValueError(
+        f"query heads ({q_kernel.shape[1]}) must be a multiple of key/value heads "
+        f"({k_kernel.shape[1]}): query kernel {q_kernel.shape}, key kernel {k_kernel.shape}."
+      )
+    self.num_heads, self.head_dim = q_kernel.shape[1:]
+    self.v_head_dim = v_kernel.shape[2]
+    self.out = None
+    if "out" in params:
+      kernel, bias = _entry(params, "out")
+      expected = (self.num_heads, self.v_head_dim)
+      if kernel.ndim == 2 and kernel.shape[0] == self.num_heads * self.v_head_dim:
+        kernel = kernel.reshape(*expected, kernel.shape[1])
+      if kernel.ndim != 3 or kernel.shape[:2] != expected:
+        raise ValueError(
+          f"params['out']['kernel'] must be (heads, v_head_dim, out) = {(*expected, 'out')}; "
+          f"got {kernel.shape}."
+        )
+      if bias is not None and bias.shape != kernel.shape[2:]:
+        raise ValueError(
+          f"params['out']['bias'] must have shape {kernel.shape[2:]}; got {bias.shape}."
+        )
+      self.out = (kernel, bias)
+
+
+def _check_input(name: str, x: Any, features: int, kernel_shape: tuple[int, ...]) -> Array:
+  x = jnp.asarray(x)
+  if x.ndim < 2:
+    raise ValueError(f"{name} must have rank >= 2, laid out (..., seq, features); got {x.shape}.")
+  if x.shape[-1] != features:
+    raise ValueError(
+      f"{name} has {x.shape[-1]} features (shape {x.shape}) but the kernel "
+      f"{kernel_shape} expects {features}."
+    )
+  if 0 in x.shape:
+    raise ValueError(f"{name} must not have empty dimensions; got {x.shape}.")
+  return x
+
+
+def project(x: Array, kernel: Array, bias: Array | None) -> Array:
+  """``(..., T, F) x (F, N, H) -> (..., T, N, H)``, computed in the promoted float dtype.
+
+  Integer inputs (such as the walkthrough's) are promoted to float32.
+  """
+  dtype = jnp.result_type(x, kernel)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    dtype = jnp.float32
+  y = jnp.einsum("...TF,FNH->...TNH", x.astype(dtype), kernel.astype(dtype))
+  return y if bias is None else y + jnp.broadcast_to(bias.astype(dtype), y.shape)
+
+
+def project_qkv(proj: Projections, x_q: Any, x_kv: Any) -> tuple[Array, Array, Array]:
+  """Step 3: queries ``(..., T, N, H)``, keys ``(..., S, K, H)``, values ``(..., S, K, D)``."""
+  q_kernel, k_kernel = proj.query[0], proj.key[0]
+  q_name, kv_name = ("x", "x") if x_q is x_kv else ("x_q", "x_kv")
+  x_q = _check_input(q_name, x_q, q_kernel.shape[0], q_kernel.shape)
+  x_kv = _check_input(kv_name, x_kv, k_kernel.shape[0], k_kernel.shape)
+  if x_q.shape[:-2] != x_kv.shape[:-2]:
+    raise ValueError(
+      f"x_q {x_q.shape} and x_kv {x_kv.shape} must have the same leading batch dimensions."
+    )
+  q = project(x_q, *proj.query)
+  k = project(x_kv, *proj.key)
+  v = project(x_kv, *proj.value)
+  dtype = jnp.result_type(q, k, v)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def project_out(proj: Projections, heads: Array) -> Array:
+  """Heads ``(..., T, N, D)`` to outputs: ``(..., T, O)`` with ``"out"``, else ``(..., T, N*D)``."""
+  if proj.out is None:
+    return heads.reshape(*heads.shape[:-2], -1)
+  kernel, bias = proj.out
+  y = jnp.einsum("...TND,NDO->...TO", heads, kernel.astype(heads.dtype))
+  return y if bias is None else y + jnp.broadcast_to(bias.astype(heads.dtype), y.shape)
