@@ -1,0 +1,134 @@
+"""jattn.init and params validation: layout, initializers, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+
+
+def shapes(params):
+  return jax.tree.map(jnp.shape, params)
+
+
+def test_layout_is_flax_multi_head():
+  p = jattn.init(
+    jax.random.key(0),
+    10,
+    4,
+    num_heads=6,
+    num_kv_heads=2,
+    v_head_dim=5,
+    kv_features=7,
+    out_features=9,
+    use_bias=True,
+  )
+  assert shapes(p) == {
+    "query": {"kernel": (10, 6, 4), "bias": (6, 4)},
+    "key": {"kernel": (7, 2, 4), "bias": (2, 4)},
+    "value": {"kernel": (7, 2, 5), "bias": (2, 5)},
+    "out": {"kernel": (6, 5, 9), "bias": (9,)},
+  }
+  assert shapes(jattn.init(jax.random.key(0), 4, 3)) == {
+    name: {"kernel": (4, 1, 3)} for name in ("query", "key", "value")
+  }
+
+
+@pytest.mark.parametrize(
+  "name, fan, var_scale, dist",
+  [
+    ("xavier_uniform", "avg", 1.0, "uniform"),
+    ("glorot_normal", "avg", 1.0, "normal"),
+    ("he_uniform", "in", 2.0, "uniform"),
+    ("kaiming_normal", "in", 2.0, "normal"),
+    ("lecun_uniform", "in", 1.0, "uniform"),
+    ("lecun_normal", "in", 1.0, "normal"),
+  ],
+)
+def test_variance_scaling_initializers_have_the_right_variance(name, fan, var_scale, dist):
+  F, N, H = 256, 4, 64
+  kernel = np.asarray(
+    jattn.init(jax.random.key(0), F, H, num_heads=N, kernel_init=name)["query"]["kernel"]
+  )
+  fan_value = F if fan == "in" else (F + N * H) / 2  # fan-out of (F, N, H) is N * H
+  assert kernel.var() == pytest.approx(var_scale / fan_value, rel=0.05)
+  if dist == "uniform":
+    assert np.abs(kernel).max() <= np.sqrt(3 * var_scale / fan_value) + 1e-6
+
+
+def test_normal_initializer_uses_stddev():
+  for name in ("normal", "gaussian"):
+    kernel = jattn.init(jax.random.key(1), 128, 64, num_heads=2, kernel_init=name, stddev=0.5)
+    assert np.asarray(kernel["key"]["kernel"]).std() == pytest.approx(0.5, rel=0.03)
+
+
+def test_callable_initializer_and_dtype():
+  p = jattn.init(
+    jax.random.key(0), 4, 3, kernel_init=jax.nn.initializers.ones, dtype=jnp.bfloat16, use_bias=True
+  )
+  for leaf in jax.tree.leaves(p):
+    assert leaf.dtype == jnp.bfloat16
+  assert np.all(np.asarray(p["value"]["kernel"], np.float32) == 1.0)
+
+
+def test_init_is_deterministic_and_keys_differ():
+  a, b = jattn.init(jax.random.key(3), 8, 4), jattn.init(jax.random.key(3), 8, 4)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.allclose(a["query"]["kernel"], a["key"]["kernel"])
+
+
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
+    (
+      dict(kernel_init="uniformish"),
+      ValueError,
+      r"unknown initializer 'uniformish'.*xavier_uniform",
+    ),
+    (dict(num_heads=0), ValueError, "num_heads must be positive"),
+    (dict(num_heads=4, num_kv_heads=3), ValueError, r"multiple of num_kv_heads"),
+    (dict(out_features=-1), ValueError, "out_features must be positive"),
+    (dict(dtype=jnp.int32), TypeError, "floating"),
+    (dict(kernel_init="normal", stddev=0.0), ValueError, "stddev must be positive"),
+  ],
+)
+def test_init_errors(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    jattn.init(jax.random.key(0), 8, 4, **kwargs)
+
+
+def test_params_errors_name_the_problem():
+  params, x = jattn.walkthrough_example()
+  missing = {k: v for k, v in params.items() if k != "value"}
+  with pytest.raises(ValueError, match=r"missing the 'value' entry"):
+    jattn.self_attention(missing, x)
+  with pytest.raises(ValueError, match=r"x has 5 features .* expects 4"):
+    jattn.self_attention(params, jnp.ones((3, 5)))
+  with pytest.raises(ValueError, match=r"rank >= 2"):
+    jattn.self_attention(params, jnp.ones((4,)))
+  bad = dict(params, key={"kernel": jnp.ones((4, 2))})
+  with pytest.raises(ValueError, match=r"same head size.*\(4, 1, 3\).*\(4, 1, 2\)"):
+    jattn.self_attention(bad, x)
+  bad = dict(params, query={"kernel": jnp.ones((4, 3)), "bias": jnp.ones((4,))})
+  with pytest.raises(ValueError, match=r"\['query'\]\['bias'\] must have shape \(1, 3\)"):
+    jattn.self_attention(bad, x)
+  bad = dict(params, out={"kernel": jnp.ones((2, 3, 4))})
+  with pytest.raises(ValueError, match=r"params\['out'\]\['kernel'\] must be"):
+    jattn.self_attention(bad, x)
+  with pytest.raises(TypeError, match="mapping"):
+    jattn.self_attention([1, 2], x)
+  with pytest.raises(ValueError, match=r"x_q \(2, 3, 4\) and x_kv \(3, 3, 4\)"):
+    jattn.attention(params, jnp.ones((2, 3, 4)), jnp.ones((3, 3, 4)))
+  with pytest.raises(TypeError, match="unexpected keyword"):
+    jattn.self_attention(params, x, is_casual=True)  # a typo is an error, never ignored
+
+
+def test_out_projection_and_concatenated_heads():
+  x = jnp.ones((2, 5, 8))
+  concat = jattn.init(jax.random.key(0), 8, 4, num_heads=3, v_head_dim=2)
+  assert jattn.self_attention(concat, x).shape == (2, 5, 6)
+  out = dict(concat, out={"kernel": jnp.ones((3, 2, 7))})
+  assert jattn.self_attention(out, x).shape == (2, 5, 7)
+  flat = dict(concat, out={"kernel": jnp.ones((6, 7))})  # (N * D, O) is accepted too
+  np.testing.assert_array_equal(jattn.self_attention(flat, x), jattn.self_attention(out, x))
