@@ -70,6 +70,10 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[Array, Array, Array, _Dims]:
       "query, key and value must have the same leading batch dimensions; "
       f"got shapes {q.shape}, {k.shape} and {v.shape}."
     )
+  if 0 in q.shape or 0 in k.shape or 0 in v.shape:
+    raise ValueError(
+      f"query, key and value must not have empty dimensions; got {q.shape}, {k.shape}, {v.shape}."
+    )
   *batch, T, N, H = q.shape
   S, K, Hk = k.shape[-3:]
   Sv, Kv, D = v.shape[-3:]
@@ -91,10 +95,6 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[Array, Array, Array, _Dims]:
     raise ValueError(
       f"query heads ({N}, query {q.shape}) must be a multiple of key/value heads "
       f"({K}, key {k.shape})."
-    )
-  if 0 in q.shape or 0 in k.shape or 0 in v.shape:
-    raise ValueError(
-      f"query, key and value must not have empty dimensions; got {q.shape}, {k.shape}, {v.shape}."
     )
   return q, k, v, _Dims(tuple(batch), T, S, N, K, H, D)
 
@@ -129,6 +129,12 @@ def check_scale(scale: Any, head_dim: int) -> Any:
   return scale
 
 
+def check_is_causal(is_causal: Any) -> bool:
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(f"is_causal must be a Python bool, got {is_causal!r}.")
+  return bool(is_causal)
+
+
 def check_lengths(name: str, lengths: Any, batch: tuple[int, ...], size: int) -> Array | None:
   if lengths is None:
     return None
@@ -156,8 +162,7 @@ def build_mask(
 
   Returns None when nothing is masked, so the unmasked path costs nothing extra.
   """
-  if not isinstance(is_causal, bool):
-    raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}.")
+  is_causal = check_is_causal(is_causal)
   window = _masks.normalize_window(local_window_size)
   offset = _masks.query_offset(dims.T, dims.S, alignment)
   target = dims.weights_shape
@@ -195,11 +200,21 @@ def attention_scores(q: Array, k: Array, *, scale: Any = None, bias: Array | Non
     Array([[[2., 4., 4.]]], dtype=float32)
   """
   q, k = jnp.asarray(q), jnp.asarray(k)
-  if q.ndim < 3 or k.ndim != q.ndim or q.shape[-1] != k.shape[-1] or q.shape[-2] % k.shape[-2]:
+  if (
+    q.ndim < 3
+    or k.ndim != q.ndim
+    or q.shape[:-3] != k.shape[:-3]
+    or q.shape[-1] != k.shape[-1]
+    or 0 in q.shape
+    or 0 in k.shape
+    or q.shape[-2] % k.shape[-2]
+  ):
     raise ValueError(
-      "attention_scores expects query (..., T, N, H) and key (..., S, K, H) with N % K == 0; "
-      f"got {q.shape} and {k.shape}."
+      "attention_scores expects query (..., T, N, H) and key (..., S, K, H) with the same "
+      f"leading dims, non-empty, and N % K == 0; got {q.shape} and {k.shape}."
     )
+  if q.dtype != k.dtype or not jnp.issubdtype(q.dtype, jnp.floating):
+    raise TypeError(f"query and key must share a floating dtype, got {q.dtype} and {k.dtype}.")
   *batch, T, N, H = q.shape
   S, K = k.shape[-3], k.shape[-2]
   scale = check_scale(scale, H)
@@ -207,7 +222,7 @@ def attention_scores(q: Array, k: Array, *, scale: Any = None, bias: Array | Non
   scores = jnp.einsum(
     "...TKGH,...SKH->...KGTS", q_grouped, k, preferred_element_type=compute_dtype(q.dtype)
   )
-  scores = scores.reshape(*batch, N, T, S) * scale
+  scores = scores.reshape(*batch, N, T, S) * jnp.asarray(scale, scores.dtype)
   if bias is not None:
     bias = check_broadcast("bias", bias, scores.shape, boolean=False)
     scores = scores + jnp.broadcast_to(bias, scores.shape).astype(scores.dtype)
@@ -275,13 +290,18 @@ def weighted_sum(weights: Array, v: Array) -> Array:
   if (
     weights.ndim < 3
     or v.ndim != weights.ndim
+    or weights.shape[:-3] != v.shape[:-3]
     or weights.shape[-1] != v.shape[-3]
+    or 0 in weights.shape
+    or 0 in v.shape
     or weights.shape[-3] % v.shape[-2]
   ):
     raise ValueError(
-      "weighted_sum expects weights (..., N, T, S) and values (..., S, K, D) with N % K == 0; "
-      f"got {weights.shape} and {v.shape}."
+      "weighted_sum expects weights (..., N, T, S) and values (..., S, K, D) with the same "
+      f"leading dims, non-empty, and N % K == 0; got {weights.shape} and {v.shape}."
     )
+  if not jnp.issubdtype(v.dtype, jnp.floating):
+    raise TypeError(f"values must be floating point, got dtype {v.dtype}.")
   *batch, N, T, S = weights.shape
   K, D = v.shape[-2:]
   grouped = weights.reshape(*batch, K, N // K, T, S).astype(v.dtype)
@@ -355,7 +375,8 @@ def dot_product_attention(
     query: ``(..., T, N, H)``.
     key: ``(..., S, K, H)`` with ``N % K == 0`` (``K < N``: grouped-query attention).
     value: ``(..., S, K, D)``; ``D`` may differ from ``H``.
-    bias: optional float bias added to the scores, broadcastable to ``(..., N, T, S)``.
+    bias: optional float bias added to the scores, broadcastable to ``(..., N, T, S)``;
+      finite or ``-inf`` (``+inf`` has no meaning as a score).
     mask: optional boolean mask broadcastable to ``(..., N, T, S)``; True = attend.
     scale: multiplies ``q . k``; default ``1 / sqrt(H)``; ``1.0`` reproduces the
       walkthrough, which does not scale.
@@ -369,7 +390,8 @@ def dot_product_attention(
     alignment: where the queries sit among the keys for ``is_causal`` and
       ``local_window_size`` when ``T != S``: ``"bottom_right"`` (default; query
       ``i`` is position ``i + S - T``, as in decoding with a cache) or
-      ``"top_left"`` (query ``i`` is position ``i``, as in ``jax.nn``).
+      ``"top_left"`` (query ``i`` is position ``i``, as in ``jax.nn``). It uses the
+      padded lengths ``T`` and ``S``, not ``query_seq_lengths``/``key_value_seq_lengths``.
     return_weights: also return the attention weights.
 
   Returns:

@@ -79,7 +79,7 @@ def position_mask(
   """The causal/sliding-window mask of query positions against key positions.
 
   The single place where position-based masking is defined; the naive and the
-  blockwise paths both call it (the latter on one block of positions at a time).
+  blockwise paths both call it (the latter on one tile of positions at a time).
 
   Args:
     q_pos: ``(T,)`` integer positions of the queries (already offset by alignment).
@@ -171,6 +171,7 @@ def length_mask(lengths: jax.Array, size: int) -> jax.Array:
   lengths = jnp.asarray(lengths)
   if not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise TypeError(f"sequence lengths must be integers, got dtype {lengths.dtype}.")
+  lengths = lengths.astype(jnp.int32)  # a narrow dtype (uint8) would wrap the positions
   positions = jax.lax.broadcasted_iota(lengths.dtype, (*lengths.shape, size), lengths.ndim)
   return positions < lengths[..., None]
 

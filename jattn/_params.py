@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Params = Mapping[str, Mapping[str, Array]]
@@ -98,7 +99,7 @@ def get_initializer(
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
   if value is None and allow_none:
     return
-  if isinstance(value, bool) or not isinstance(value, int):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be an int, got {value!r}.")
   if value <= 0:
     raise ValueError(f"{name} must be positive, got {value}.")
@@ -116,8 +117,8 @@ def init(
   out_features: int | None = None,
   use_bias: bool = False,
   kernel_init: str | Callable = "lecun_normal",
-  bias_init: Callable = jax.nn.initializers.zeros,
-  stddev: float = 0.02,
+  bias_init: Callable | None = None,
+  stddev: float | None = None,
   dtype: Any = jnp.float32,
 ) -> dict[str, dict[str, Array]]:
   """Creates an attention parameter pytree (Flax ``MultiHeadDotProductAttention`` layout).
@@ -134,8 +135,10 @@ def init(
       default, as in the walkthrough) concatenates the heads instead.
     use_bias: add biases to every projection.
     kernel_init: an initializer name (see :func:`get_initializer`) or callable.
-    bias_init: a ``jax.nn.initializers`` initializer for the biases.
-    stddev: standard deviation for ``kernel_init="normal"``.
+    bias_init: a ``jax.nn.initializers`` initializer for the biases (default
+      zeros); only with ``use_bias=True``.
+    stddev: standard deviation for ``kernel_init="normal"`` (default 0.02); only
+      with that initializer.
     dtype: dtype of every leaf.
 
   Returns:
@@ -167,6 +170,15 @@ def init(
     )
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be floating point, got {dtype}.")
+  if bias_init is not None and not use_bias:
+    raise ValueError("bias_init is given but use_bias=False: there are no biases to initialise.")
+  bias_init = jax.nn.initializers.zeros if bias_init is None else bias_init
+  is_normal = (
+    isinstance(kernel_init, str) and _ALIASES.get(kernel_init.lower(), kernel_init) == "normal"
+  )
+  if stddev is not None and not is_normal:
+    raise ValueError(f"stddev applies to kernel_init='normal' only, not {kernel_init!r}.")
+  stddev = 0.02 if stddev is None else stddev
   in_init = get_initializer(kernel_init, in_axis=0, out_axis=(1, 2), dtype=dtype, stddev=stddev)
   shapes = {
     "query": ((in_features, num_heads, head_dim), (num_heads, head_dim)),
@@ -208,19 +220,21 @@ def _entry(params: Any, name: str) -> tuple[Array, Array | None]:
 
 def _headed(name: str, kernel: Array, bias: Array | None) -> tuple[Array, Array | None]:
   """Normalises a projection to a kernel ``(F, heads, size)`` and bias ``(heads, size)``."""
-  if kernel.ndim == 2:
-    kernel = kernel[:, None, :]
-    bias = None if bias is None else bias[None]
-  if kernel.ndim != 3:
+  if kernel.ndim not in (2, 3):
     raise ValueError(
       f"params[{name!r}]['kernel'] must be (in, heads, head_dim) or (in, head_dim); "
       f"got shape {kernel.shape}."
     )
+  if 0 in kernel.shape:
+    raise ValueError(f"params[{name!r}]['kernel'] must not be empty; got shape {kernel.shape}.")
   if bias is not None and bias.shape != kernel.shape[1:]:
     raise ValueError(
       f"params[{name!r}]['bias'] must have shape {kernel.shape[1:]} to match its kernel "
       f"{kernel.shape}; got {bias.shape}."
     )
+  if kernel.ndim == 2:
+    kernel = kernel[:, None, :]
+    bias = None if bias is None else bias[None]
   return kernel, bias
 
 
@@ -315,5 +329,6 @@ def project_out(proj: Projections, heads: Array) -> Array:
   if proj.out is None:
     return heads.reshape(*heads.shape[:-2], -1)
   kernel, bias = proj.out
-  y = jnp.einsum("...TND,NDO->...TO", heads, kernel.astype(heads.dtype))
-  return y if bias is None else y + jnp.broadcast_to(bias.astype(heads.dtype), y.shape)
+  dtype = jnp.result_type(heads, kernel)
+  y = jnp.einsum("...TND,NDO->...TO", heads.astype(dtype), kernel.astype(dtype))
+  return y if bias is None else y + jnp.broadcast_to(bias.astype(dtype), y.shape)

@@ -44,7 +44,13 @@ def _load_weights(path: Path) -> dict:
   missing = [n for n in ("query", "key", "value") if n not in data]
   if missing:
     raise ValueError(f"{path} lacks the matrices {missing} (it has {sorted(data)})")
-  return {n: {"kernel": np.asarray(data[n], dtype=np.float32)} for n in ("query", "key", "value")}
+  params = {n: {"kernel": np.asarray(data[n], dtype=np.float32)} for n in ("query", "key", "value")}
+  for name, entry in params.items():
+    if entry["kernel"].ndim != 2:
+      raise ValueError(
+        f"the {name} matrix in {path} must be 2-D (features, size), got {entry['kernel'].shape}"
+      )
+  return params
 
 
 def demo(args: argparse.Namespace) -> int:

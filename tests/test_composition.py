@@ -158,3 +158,26 @@ def test_jitted_call_does_not_retrace(rng):
   step(params, normal(rng, (2, 5, 8)))
   step(jattn.init(jax.random.key(1), 8, 4, num_heads=2), normal(rng, (2, 5, 8)))
   assert len(traces) == 1
+
+
+def test_params_are_a_pytree_optax_trains(rng):
+  import optax
+
+  params = jattn.init(jax.random.key(0), 4, 3, num_heads=2, out_features=4)
+  x, target = normal(rng, (8, 5, 4)), normal(rng, (8, 5, 4))
+  optimizer = optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(
+      lambda p: jnp.mean((jattn.self_attention(p, x) - target) ** 2)
+    )(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = optimizer.init(params)
+  losses = []
+  for _ in range(30):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.9 * losses[0]

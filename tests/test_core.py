@@ -195,9 +195,14 @@ def test_low_precision_computes_softmax_in_float32(rng, dtype):
   assert scores.dtype == jnp.float32
   reference = jattn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, v)))
   assert_allclose(np.asarray(out, np.float32), reference, atol=0.05)
-  # a large score range that overflows float16's exp if the softmax were done in float16
-  big = jattn.dot_product_attention(q * 30, k * 30, v)
-  assert np.all(np.isfinite(np.asarray(big, np.float32)))
+  # Scores beyond float16's range (65504), which a float16 softmax could not hold.
+  q_big, k_big = q * 80, k * 80
+  assert np.abs(np.asarray(jattn.attention_scores(q_big, k_big, scale=1.0))).max() > 65504
+  big = jattn.dot_product_attention(q_big, k_big, v, scale=1.0)
+  reference = jattn.dot_product_attention(
+    *(a.astype(jnp.float32) for a in (q_big, k_big, v)), scale=1.0
+  )
+  assert_allclose(np.asarray(big, np.float32), reference, atol=0.05)
 
 
 # --- bad input: jattn's own errors at trace time, also under jit ----------------------------
@@ -245,6 +250,63 @@ def test_bad_masks_and_biases(rng, jit):
     call(local_window_size=(-1, 2))
   with pytest.raises(ValueError, match=r"alignment must be one of"):
     call(is_causal=True, alignment="center")
+
+
+def test_empty_dimensions_are_errors_not_crashes(rng):
+  q, k, v = qkv(rng)
+  with pytest.raises(ValueError, match=r"empty dimensions"):
+    jattn.dot_product_attention(q, k[..., :0, :], v[..., :0, :])
+  with pytest.raises(ValueError, match=r"attention_scores expects"):
+    jattn.attention_scores(q, k[..., :0, :])
+  with pytest.raises(ValueError, match=r"attention_scores expects"):
+    jattn.attention_scores(q, k[None].repeat(2, 0))
+  with pytest.raises(ValueError, match=r"weighted_sum expects"):
+    jattn.weighted_sum(np.ones((3, 4, 5, 7), np.float32), v)  # batch 3 against 2
+  with pytest.raises(TypeError, match=r"share a floating dtype"):
+    jattn.attention_scores(q, k.astype(np.float16))
+
+
+def test_narrow_integer_lengths_do_not_wrap(rng):
+  q = k = v = normal(rng, (1, 300, 1, 4))
+  _, w = jattn.dot_product_attention(
+    q, k, v, key_value_seq_lengths=np.array([10], np.uint8), return_weights=True
+  )
+  assert_array_equal(w[..., 10:], 0.0)
+  assert_array_equal(jattn.padding_mask(np.array([3], np.int8), 300)[0, 0, 0, 3:], False)
+
+
+def test_numpy_bool_is_causal(rng):
+  q, k, v = qkv(rng, T=6, S=6)
+  assert_array_equal(
+    jattn.dot_product_attention(q, k, v, is_causal=np.True_),
+    jattn.dot_product_attention(q, k, v, is_causal=True),
+  )
+  with pytest.raises(TypeError, match="is_causal must be a Python bool"):
+    jattn.dot_product_attention(q, k, v, is_causal=1)
+
+
+@pytest.mark.parametrize("alignment", ["bottom_right", "top_left"])
+def test_sliding_window_with_different_lengths(rng, alignment):
+  q, k, v = qkv(rng, T=4, S=9)
+  offset = 5 if alignment == "bottom_right" else 0
+  i, j = np.indices((4, 9))
+  expected = (j >= i + offset - 2) & (j <= i + offset + 1)
+  assert_array_equal(jattn.sliding_window_mask(4, 9, (2, 1), alignment=alignment), expected)
+  assert_allclose(
+    jattn.dot_product_attention(q, k, v, local_window_size=(2, 1), alignment=alignment),
+    jattn.dot_product_attention(q, k, v, mask=expected),
+    rtol=1e-6,
+  )
+
+
+def test_float64_values_match_a_numpy_reference(rng):
+  with jax.enable_x64(True):
+    q, k, v = (a.astype(np.float64) for a in qkv(rng, batch=(), T=3, S=4, N=2, K=1, H=5, D=3))
+    out = jattn.dot_product_attention(q, k, v, scale=0.7)
+    scores = np.einsum("tnh,sh->nts", q, k[:, 0]) * 0.7
+    w = np.exp(scores - scores.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    assert_allclose(out, np.einsum("nts,sd->tnd", w, v[:, 0]), rtol=1e-13)
 
 
 def test_dtype_errors(rng):

@@ -1,0 +1,18 @@
+"""ruff's lint and format checks are part of the suite, so CI enforces them."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]])
+def test_ruff(args):
+  ruff = shutil.which("ruff")
+  if ruff is None:
+    pytest.skip("ruff is not installed (it is in the test extra)")
+  result = subprocess.run([ruff, *args], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
