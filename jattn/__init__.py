@@ -6,8 +6,12 @@ Import the public names from here; the ``jattn._*`` modules are private.
 from jattn._attention import attention as attention
 from jattn._attention import explain as explain
 from jattn._attention import self_attention as self_attention
+from jattn._blockwise import attention_stats as attention_stats
+from jattn._core import IMPLEMENTATIONS as IMPLEMENTATIONS
 from jattn._core import attention_scores as attention_scores
+from jattn._core import attention_weights as attention_weights
 from jattn._core import dot_product_attention as dot_product_attention
+from jattn._core import masked_logsumexp as masked_logsumexp
 from jattn._core import masked_softmax as masked_softmax
 from jattn._core import weighted_sum as weighted_sum
 from jattn._masks import causal_mask as causal_mask
@@ -22,15 +26,19 @@ from jattn._walkthrough import walkthrough_example as walkthrough_example
 __version__ = "0.1.0"
 
 __all__ = (
+  "IMPLEMENTATIONS",
   "INITIALIZER_NAMES",
   "attention",
   "attention_scores",
+  "attention_stats",
+  "attention_weights",
   "causal_mask",
   "combine_masks",
   "dot_product_attention",
   "explain",
   "get_initializer",
   "init",
+  "masked_logsumexp",
   "masked_softmax",
   "padding_mask",
   "self_attention",

@@ -26,12 +26,13 @@ def attention(params: Any, x_q: Array, x_kv: Array, **options: Any) -> Array | t
     **options: keyword options of :func:`jattn.dot_product_attention` (``mask``,
       ``bias``, ``scale``, ``is_causal``, ``local_window_size``,
       ``query_seq_lengths``, ``key_value_seq_lengths``, ``alignment``,
-      ``return_weights``).
+      ``implementation``, ``block_q``, ``block_kv``, ``return_weights``, ``return_lse``).
 
   Returns:
     ``(..., T, O)`` with an ``"out"`` projection, else the heads concatenated,
-    ``(..., T, N * D)``; with ``return_weights=True`` also the weights
-    ``(..., N, T, S)``.
+    ``(..., T, N * D)``; with ``return_weights=True`` and/or ``return_lse=True``
+    a tuple that adds the weights ``(..., N, T, S)`` and/or the log-sum-exp
+    ``(..., N, T)``, as :func:`jattn.dot_product_attention` does.
 
   Examples:
     >>> import jax, jattn
@@ -43,9 +44,8 @@ def attention(params: Any, x_q: Array, x_kv: Array, **options: Any) -> Array | t
   proj = _params.Projections(params)
   q, k, v = _params.project_qkv(proj, x_q, x_kv)
   result = _core.dot_product_attention(q, k, v, **options)
-  if options.get("return_weights", False):
-    heads, weights = result
-    return _params.project_out(proj, heads), weights
+  if isinstance(result, tuple):  # (heads, weights and/or lse)
+    return _params.project_out(proj, result[0]), *result[1:]
   return _params.project_out(proj, result)
 
 
@@ -81,7 +81,8 @@ def explain(params: Any, x: Array, **options: Any) -> dict[str, Array | None]:
   Args:
     params: as in :func:`self_attention`.
     x: ``(..., T, F)`` inputs.
-    **options: as in :func:`attention`, except ``return_weights``.
+    **options: as in :func:`attention`, except ``return_weights``, ``return_lse``
+      and ``implementation`` (explain always materialises the map).
 
   Returns:
     A dict (a pytree, so ``explain`` can be jitted) with
@@ -103,8 +104,9 @@ def explain(params: Any, x: Array, **options: Any) -> dict[str, Array | None]:
     >>> steps["scores"][0]
     Array([2., 4., 4.], dtype=float32)
   """
-  if "return_weights" in options:
-    raise TypeError("explain always returns the weights; drop return_weights.")
+  for name in ("return_weights", "return_lse", "implementation"):
+    if name in options:
+      raise TypeError(f"explain always computes every step naively; drop {name}.")
   x = jnp.asarray(x)
   proj = _params.Projections(params)
   q, k, v = _params.project_qkv(proj, x, x)

@@ -14,138 +14,23 @@ Shapes use the letters of ``jax.nn.dot_product_attention``:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jattn import _masks
+from jattn import _blockwise, _masks
+from jattn._checks import (
+  Array,
+  _Dims,
+  check_broadcast,
+  check_is_causal,
+  check_lengths,
+  check_qkv,
+  check_scale,
+  compute_dtype,
+)
 from jattn._masks import Alignment
-
-Array = jax.Array
-
-
-def compute_dtype(dtype) -> np.dtype:
-  """The dtype scores and softmax are computed in: float32 at least."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-class _Dims(NamedTuple):
-  batch: tuple[int, ...]
-  T: int
-  S: int
-  N: int
-  K: int
-  H: int
-  D: int
-
-  @property
-  def weights_shape(self) -> tuple[int, ...]:
-    return (*self.batch, self.N, self.T, self.S)
-
-
-def check_qkv(q: Any, k: Any, v: Any) -> tuple[Array, Array, Array, _Dims]:
-  """Validates the layouts ``q (..., T, N, H)``, ``k (..., S, K, H)``, ``v (..., S, K, D)``."""
-  q, k, v = (jnp.asarray(a) for a in (q, k, v))
-  for name, a in (("query", q), ("key", k), ("value", v)):
-    if a.ndim < 3:
-      raise ValueError(
-        f"{name} must have rank >= 3, laid out (..., seq, heads, head_dim); got shape {a.shape}."
-      )
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-      raise TypeError(f"{name} must be floating point, got dtype {a.dtype}.")
-  if not q.dtype == k.dtype == v.dtype:
-    raise TypeError(
-      f"query, key and value must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}."
-    )
-  if not q.ndim == k.ndim == v.ndim:
-    raise ValueError(
-      "query, key and value must have the same rank (..., seq, heads, head_dim); "
-      f"got shapes {q.shape}, {k.shape} and {v.shape}."
-    )
-  if not q.shape[:-3] == k.shape[:-3] == v.shape[:-3]:
-    raise ValueError(
-      "query, key and value must have the same leading batch dimensions; "
-      f"got shapes {q.shape}, {k.shape} and {v.shape}."
-    )
-  if 0 in q.shape or 0 in k.shape or 0 in v.shape:
-    raise ValueError(
-      f"query, key and value must not have empty dimensions; got {q.shape}, {k.shape}, {v.shape}."
-    )
-  *batch, T, N, H = q.shape
-  S, K, Hk = k.shape[-3:]
-  Sv, Kv, D = v.shape[-3:]
-  if H != Hk:
-    raise ValueError(
-      f"query and key head sizes must match (they are dotted): query {q.shape} has {H}, "
-      f"key {k.shape} has {Hk}."
-    )
-  if S != Sv:
-    raise ValueError(
-      f"key and value must have the same length: key {k.shape} has {S}, value {v.shape} has {Sv}."
-    )
-  if K != Kv:
-    raise ValueError(
-      f"key and value must have the same number of heads: key {k.shape} has {K}, "
-      f"value {v.shape} has {Kv}."
-    )
-  if N % K:
-    raise ValueError(
-      f"query heads ({N}, query {q.shape}) must be a multiple of key/value heads "
-      f"({K}, key {k.shape})."
-    )
-  return q, k, v, _Dims(tuple(batch), T, S, N, K, H, D)
-
-
-def check_broadcast(name: str, x: Any, target: tuple[int, ...], *, boolean: bool) -> Array:
-  """Checks that ``x`` broadcasts to ``target`` (and does not enlarge it)."""
-  x = jnp.asarray(x)
-  if boolean and x.dtype != jnp.bool_:
-    raise TypeError(
-      f"{name} must be boolean (True = attend), got dtype {x.dtype}; "
-      f"use e.g. `{name} != 0` or the jattn mask helpers."
-    )
-  if not boolean and not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{name} must be floating point, got dtype {x.dtype}.")
-  try:
-    ok = np.broadcast_shapes(x.shape, target) == tuple(target)
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(
-      f"{name} of shape {x.shape} does not broadcast to the attention weights' shape "
-      f"{tuple(target)} (..., heads, q_len, kv_len)."
-    )
-  return x
-
-
-def check_scale(scale: Any, head_dim: int) -> Any:
-  if scale is None:
-    return 1.0 / math.sqrt(head_dim)
-  if np.ndim(scale) != 0:
-    raise ValueError(f"scale must be a scalar, got shape {np.shape(scale)}.")
-  return scale
-
-
-def check_is_causal(is_causal: Any) -> bool:
-  if not isinstance(is_causal, (bool, np.bool_)):
-    raise TypeError(f"is_causal must be a Python bool, got {is_causal!r}.")
-  return bool(is_causal)
-
-
-def check_lengths(name: str, lengths: Any, batch: tuple[int, ...], size: int) -> Array | None:
-  if lengths is None:
-    return None
-  lengths = jnp.asarray(lengths)
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise TypeError(f"{name} must be integers, got dtype {lengths.dtype}.")
-  if lengths.shape != batch:
-    raise ValueError(
-      f"{name} must have the batch shape {batch} of the inputs, got shape {lengths.shape}."
-    )
-  return lengths
 
 
 def build_mask(
@@ -157,26 +42,35 @@ def build_mask(
   query_seq_lengths: Any = None,
   key_value_seq_lengths: Any = None,
   alignment: Alignment = "bottom_right",
+  q_index: Array | None = None,
 ) -> Array | None:
   """Combines every masking option into one boolean mask broadcastable to ``(..., N, T, S)``.
 
-  Returns None when nothing is masked, so the unmasked path costs nothing extra.
+  With ``q_index`` (``(T',)`` integer query indices) the mask covers only those
+  queries: ``(..., N, T', S)``. Returns None when nothing is masked, so the
+  unmasked path costs nothing extra.
   """
   is_causal = check_is_causal(is_causal)
   window = _masks.normalize_window(local_window_size)
   offset = _masks.query_offset(dims.T, dims.S, alignment)
-  target = dims.weights_shape
   if mask is not None:
-    mask = check_broadcast("mask", mask, target, boolean=True)
+    mask = check_broadcast("mask", mask, dims.weights_shape, boolean=True)
+    if q_index is not None and mask.ndim >= 2 and mask.shape[-2] != 1:
+      mask = jnp.take(mask, q_index, axis=-2)
   q_lengths = check_lengths("query_seq_lengths", query_seq_lengths, dims.batch, dims.T)
   kv_lengths = check_lengths("key_value_seq_lengths", key_value_seq_lengths, dims.batch, dims.S)
-  padding = None
-  if q_lengths is not None or kv_lengths is not None:
-    padding = _masks.padding_mask(kv_lengths, dims.S, q_lengths=q_lengths, q_len=dims.T)
+  q_index = jnp.arange(dims.T) if q_index is None else q_index
+  padding = []
+  if kv_lengths is not None:
+    padding.append(_masks.length_mask(kv_lengths, dims.S)[..., None, None, :])  # (..., 1, 1, S)
+  if q_lengths is not None:
+    q_index_b = q_index.reshape((1,) * q_lengths.ndim + q_index.shape)
+    q_valid = q_index_b < q_lengths.astype(jnp.int32)[..., None]  # (..., T)
+    padding.append(q_valid[..., None, :, None])  # (..., 1, T, 1)
   positions = _masks.position_mask(
-    jnp.arange(dims.T) + offset, jnp.arange(dims.S), is_causal=is_causal, window=window
+    q_index + offset, jnp.arange(dims.S), is_causal=is_causal, window=window
   )
-  return _masks.combine_masks(mask, padding, positions)
+  return _masks.combine_masks(mask, *padding, positions)
 
 
 def attention_scores(q: Array, k: Array, *, scale: Any = None, bias: Array | None = None) -> Array:
@@ -252,6 +146,28 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
     >>> jattn.masked_softmax(jnp.array([2., 4.]), jnp.array([False, False]))
     Array([0., 0.], dtype=float32)
   """
+  unnormalized, _, total = _softmax_parts(logits, mask)
+  return unnormalized / jnp.where(total > 0, total, 1.0)
+
+
+def masked_logsumexp(logits: Array, mask: Array | None = None) -> Array:
+  """``log(sum(exp(logits)))`` over the unmasked entries of the last axis; ``-inf`` if none.
+
+  Args:
+    logits: ``(..., S)`` scores.
+    mask: optional boolean, broadcastable to ``logits``; True = keep.
+
+  Returns:
+    ``(...)`` in float32 at least, with finite gradients even for fully masked rows.
+  """
+  _, row_max, total = _softmax_parts(logits, mask)
+  attended = total[..., 0] > 0
+  safe_total = jnp.where(attended, total[..., 0], 1.0)
+  return jnp.where(attended, row_max[..., 0] + jnp.log(safe_total), -jnp.inf)
+
+
+def _softmax_parts(logits: Array, mask: Array | None) -> tuple[Array, Array, Array]:
+  """``exp(logits - row_max)`` (zero where masked), the row max and the row sums."""
   logits = jnp.asarray(logits)
   logits = logits.astype(compute_dtype(logits.dtype))
   if mask is not None:
@@ -265,8 +181,7 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
   unnormalized = jnp.exp(logits - row_max)
   if mask is not None:
     unnormalized = jnp.where(mask, unnormalized, 0.0)
-  total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-  return unnormalized / jnp.where(total > 0, total, 1.0)
+  return unnormalized, row_max, jnp.sum(unnormalized, axis=-1, keepdims=True)
 
 
 def weighted_sum(weights: Array, v: Array) -> Array:
@@ -354,6 +269,28 @@ def attention_steps(
   return Steps(scores, combined, weights, weighted_sum(weights, value))
 
 
+IMPLEMENTATIONS = ("auto", "naive", "blockwise")
+# "auto" switches to the blockwise path from this many scores per head and batch
+# element (T * S) up: measured faster on CPU from 256 x 256 (benchmarks/README.md).
+AUTO_BLOCKWISE_MIN_SCORES = 256 * 256
+
+
+def choose_implementation(implementation: str, dims: _Dims, return_weights: bool) -> str:
+  """Resolves ``implementation="auto"`` and rejects impossible combinations."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if implementation == "auto":
+    big = dims.T * dims.S >= AUTO_BLOCKWISE_MIN_SCORES
+    return "blockwise" if big and not return_weights else "naive"
+  if implementation == "blockwise" and return_weights:
+    raise ValueError(
+      "implementation='blockwise' never materialises the (T, S) weights; use "
+      "implementation='naive' for return_weights, or jattn.attention_weights for a slice "
+      "of queries and jattn.attention_stats for per-query statistics."
+    )
+  return implementation
+
+
 def dot_product_attention(
   query: Array,
   key: Array,
@@ -367,8 +304,12 @@ def dot_product_attention(
   query_seq_lengths: Array | None = None,
   key_value_seq_lengths: Array | None = None,
   alignment: Alignment = "bottom_right",
+  implementation: str = "auto",
+  block_q: int | None = None,
+  block_kv: int | None = None,
   return_weights: bool = False,
-) -> Array | tuple[Array, Array]:
+  return_lse: bool = False,
+) -> Array | tuple[Array, ...]:
   """Scaled dot-product attention: ``softmax(scale * q k^T + bias, masked) v``.
 
   Args:
@@ -392,12 +333,22 @@ def dot_product_attention(
       ``i`` is position ``i + S - T``, as in decoding with a cache) or
       ``"top_left"`` (query ``i`` is position ``i``, as in ``jax.nn``). It uses the
       padded lengths ``T`` and ``S``, not ``query_seq_lengths``/``key_value_seq_lengths``.
-    return_weights: also return the attention weights.
+    implementation: ``"naive"`` materialises the ``(..., N, T, S)`` scores (the
+      only path that can return them); ``"blockwise"`` streams blocks of keys
+      with an online softmax in O(T + S) memory, differentiable in forward and
+      reverse mode; ``"auto"`` (default) takes blockwise when ``T * S`` is large
+      and the weights are not requested.
+    block_q: query block size of the blockwise path (default: up to 1024).
+    block_kv: key/value block size of the blockwise path (default: up to 1024).
+    return_weights: also return the attention weights (naive path only).
+    return_lse: also return the log-sum-exp of each query's scores, ``-inf`` for
+      a query that attends nothing (to combine partial attentions).
 
   Returns:
-    The output ``(..., T, N, D)`` in the inputs' dtype; with ``return_weights``,
-    the pair ``(output, weights)`` with weights ``(..., N, T, S)``. A query whose
-    keys are all masked gets zero output and zero weights.
+    The output ``(..., T, N, D)`` in the inputs' dtype, or a tuple of it with the
+    weights ``(..., N, T, S)`` if ``return_weights`` and the log-sum-exp
+    ``(..., N, T)`` (float32 at least) if ``return_lse``, in that order. A query
+    whose keys are all masked gets zero output and zero weights.
 
   Raises:
     ValueError: if shapes do not fit together (named in the message).
@@ -408,11 +359,13 @@ def dot_product_attention(
     >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))  # (B, T, N, H)
     >>> jattn.dot_product_attention(q, k, v, is_causal=True).shape
     (2, 5, 4, 8)
+    >>> out, lse = jattn.dot_product_attention(q, k, v, implementation="blockwise",
+    ...                                        block_kv=2, return_lse=True)
+    >>> lse.shape
+    (2, 4, 5)
   """
-  steps = attention_steps(
-    query,
-    key,
-    value,
+  query, key, value, dims = check_qkv(query, key, value)
+  options = dict(
     bias=bias,
     mask=mask,
     scale=scale,
@@ -422,6 +375,81 @@ def dot_product_attention(
     key_value_seq_lengths=key_value_seq_lengths,
     alignment=alignment,
   )
+  if choose_implementation(implementation, dims, return_weights) == "blockwise":
+    return _blockwise.blockwise_attention(
+      query, key, value, **options, block_q=block_q, block_kv=block_kv, return_lse=return_lse
+    )
+  steps = attention_steps(query, key, value, **options)
+  results = [steps.output]
   if return_weights:
-    return steps.output, steps.weights.astype(steps.output.dtype)
-  return steps.output
+    results.append(steps.weights.astype(steps.output.dtype))
+  if return_lse:
+    results.append(masked_logsumexp(steps.scores, steps.mask))
+  return results[0] if len(results) == 1 else tuple(results)
+
+
+def attention_weights(
+  query: Array,
+  key: Array,
+  *,
+  queries: slice | Array = slice(None),
+  bias: Array | None = None,
+  mask: Array | None = None,
+  scale: float | None = None,
+  is_causal: bool = False,
+  local_window_size: int | tuple[int, int] | None = None,
+  query_seq_lengths: Array | None = None,
+  key_value_seq_lengths: Array | None = None,
+  alignment: Alignment = "bottom_right",
+) -> Array:
+  """The exact attention weights of a chosen slice of queries, in O(T' * S) memory.
+
+  At lengths where the full ``(T, S)`` map cannot exist, look at the rows you
+  care about: the masks and positions are those of the full problem.
+
+  Args:
+    query: ``(..., T, N, H)``.
+    key: ``(..., S, K, H)``.
+    queries: a ``slice`` of the ``T`` queries or ``(T',)`` integer indices.
+    bias, mask, scale, is_causal, local_window_size, query_seq_lengths,
+      key_value_seq_lengths, alignment: as in :func:`dot_product_attention`,
+      for the full ``(..., N, T, S)`` problem.
+
+  Returns:
+    Weights ``(..., N, T', S)`` in float32 at least.
+
+  Examples:
+    >>> import jax, jattn
+    >>> q = k = jax.random.normal(jax.random.key(0), (1000, 2, 8))
+    >>> w = jattn.attention_weights(q, k, queries=slice(-3, None), is_causal=True)
+    >>> w.shape, bool((w[:, -1, -1] > 0).all()), bool((w[:, 0, -2:] == 0).all())
+    ((2, 3, 1000), True, True)
+  """
+  query, key = jnp.asarray(query), jnp.asarray(key)
+  # The values do not enter the weights: validate with a one-wide stand-in.
+  stand_in = jax.ShapeDtypeStruct((*key.shape[:-1], 1), key.dtype)
+  _, _, _, dims = check_qkv(query, key, jnp.zeros(stand_in.shape, stand_in.dtype))
+  if isinstance(queries, slice):
+    index = jnp.arange(dims.T)[queries]
+  else:
+    index = jnp.asarray(queries)
+    if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+      raise TypeError(f"queries must be a slice or 1-D integer indices, got {index.shape}.")
+  if index.shape[0] == 0:
+    raise ValueError(f"queries {queries!r} selects none of the {dims.T} queries.")
+  combined = build_mask(
+    dims,
+    mask=mask,
+    is_causal=is_causal,
+    local_window_size=local_window_size,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    alignment=alignment,
+    q_index=index,
+  )
+  if bias is not None:
+    bias = check_broadcast("bias", bias, dims.weights_shape, boolean=False)
+    if bias.ndim >= 2 and bias.shape[-2] != 1:
+      bias = jnp.take(bias, index, axis=-2)
+  scores = attention_scores(jnp.take(query, index, axis=-3), key, scale=scale, bias=bias)
+  return masked_softmax(scores, combined)

@@ -139,10 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     "--no-plot", dest="out", action="store_const", const=None, help="do not save the attention map"
   )
   p.set_defaults(func=demo)
+  p = sub.add_parser(
+    "bench",
+    add_help=False,
+    help="benchmark jattn against jax.nn, Flax, torch (quick defaults; `jattn bench --help`)",
+  )
+  p.add_argument("args", nargs=argparse.REMAINDER)
   return parser
 
 
+def _bench_main(argv: list[str]) -> int:
+  from jattn import _bench
+
+  return _bench.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["bench"]:  # its own parser: argparse's REMAINDER drops leading options
+    return _bench_main(argv[1:])
   parser = build_parser()
   args = parser.parse_args(argv)
   try:

@@ -81,3 +81,36 @@ def test_bad_arguments_exit_nonzero():
   result = run("demo", "--scale", "cube")
   assert result.returncode == 2
   assert "invalid choice: 'cube'" in result.stderr
+
+
+def test_bench_runs_each_case_in_a_process_and_writes_results(tmp_path):
+  result = run(
+    "bench",
+    "--shapes",
+    "1,64,2,8",
+    "--impls",
+    "jattn-blockwise,jax.nn",
+    "--modes",
+    "fwd+bwd",
+    "--repeats",
+    "1",
+    "--out",
+    str(tmp_path),
+  )
+  assert result.returncode == 0, result.stderr
+  table = (tmp_path / "results.md").read_text()
+  assert "| (1, 64, 2, 8) | fwd+bwd | jattn-blockwise |" in table
+  assert "| (1, 64, 2, 8) | fwd+bwd | jax.nn |" in table
+  assert "GFLOP/s" in table and "skipped" not in table
+  records = json.loads((tmp_path / "results.json").read_text())["results"]
+  assert all(r["median_ms"] > 0 and r["peak_rss_mb"] > 0 for r in records)
+  assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_skips_what_cannot_fit_and_rejects_bad_shapes():
+  from jattn import _bench
+
+  skipped = _bench.run_case("jax.nn", (1, 32768, 8, 64), "fwd+bwd", 1, 10, 20.0)
+  assert skipped["skipped"].startswith("needs > 128 GB")
+  result = run("bench", "--shapes", "1,64,2")
+  assert result.returncode == 2 and "four positive sizes" in result.stderr
