@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import _checks as _core
-from jattn import _masks
+from jattn import _dropout, _masks
 
 Array = jax.Array
 
@@ -67,6 +67,16 @@ class Config(NamedTuple):
   window: tuple[int, int] | None
   scale: float | None  # None: the queries were scaled beforehand (traced scale)
   skip: bool  # skip blocks that the position/length masks hide entirely
+  dropout_rate: float = 0.0  # 0: no dropout
+  dropout_impl: Any = None  # the PRNG implementation of the dropout keys
+
+
+def _keep(cfg: Config, j, q_i) -> Array | None:
+  """Dropout keep bits of tile (., j): ``(G, bq, bk)`` bool, or None without dropout."""
+  if not cfg.dropout_rate:
+    return None
+  rows = jax.random.wrap_key_data(q_i["rows"], impl=cfg.dropout_impl)  # (G, bq)
+  return _dropout.keep_mask(rows, j * cfg.bk + jnp.arange(cfg.bk), cfg.dropout_rate)
 
 
 # --- the pieces every tile uses -------------------------------------------------------------
@@ -204,7 +214,11 @@ def _forward_tile(cfg: Config, i, q_i, kv_h, aux, want_entropy: bool):
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m - m_safe)
     l = l * correction + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("gqk,kd->gqd", p.astype(blk["v"].dtype), blk["v"], preferred_element_type=f32)
+    keep = _keep(cfg, j, q_i)
+    p_out = p if keep is None else jnp.where(keep, p / (1.0 - cfg.dropout_rate), 0.0)
+    pv = jnp.einsum(
+      "gqk,kd->gqd", p_out.astype(blk["v"].dtype), blk["v"], preferred_element_type=f32
+    )
     acc = acc * correction[..., None] + pv
     if want_entropy:  # running sum of p * s, for the entropy lse - E_p[s]
       ps = ps * correction + jnp.sum(jnp.where(p > 0, p * s, 0.0), axis=-1)
@@ -230,11 +244,11 @@ def _forward_tile(cfg: Config, i, q_i, kv_h, aux, want_entropy: bool):
   return out.astype(q_i["q"].dtype), lse, stats
 
 
-def _forward(cfg, q, k, v, lengths, aux, want_entropy=False):
+def _forward(cfg, q, k, v, lengths, aux, drop, want_entropy=False):
   head_side = {"k": k, "v": v, **lengths}
   return _sweep(
     lambda i, q_i, kv_h, aux_i: _forward_tile(cfg, i, q_i, kv_h, aux_i, want_entropy),
-    {"q": q},
+    {"q": q, **drop},
     head_side,
     aux,
   )
@@ -260,9 +274,14 @@ def _tangent_tile(cfg: Config, i, q_i, kv_h, aux):
     if "dbias" in aux_j:
       ds = ds + jnp.broadcast_to(aux_j["dbias"], ds.shape).astype(f32)
     pds = p * ds
+    c = c + jnp.sum(pds, axis=-1)  # the log-sum-exp tangent: dropout does not enter it
+    keep = _keep(cfg, j, q_i)
+    if keep is not None:
+      p = jnp.where(keep, p / (1.0 - cfg.dropout_rate), 0.0)
+      pds = p * ds
     acc = acc + jnp.einsum("gqk,kd->gqd", pds, blk["v"].astype(f32))
     acc = acc + jnp.einsum("gqk,kd->gqd", p, blk["dv"].astype(f32))
-    return acc, c + jnp.sum(pds, axis=-1)
+    return acc, c
 
   G, bq = q.shape[:2]
   D = kv_h["v"].shape[-1]
@@ -274,16 +293,16 @@ def _tangent_tile(cfg: Config, i, q_i, kv_h, aux):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _flash(cfg: Config, q, k, v, lengths, aux):
-  out, lse, _ = _forward(cfg, q, k, v, lengths, aux)
+def _flash(cfg: Config, q, k, v, lengths, aux, drop):
+  out, lse, _ = _forward(cfg, q, k, v, lengths, aux, drop)
   return out, lse
 
 
 @_flash.defjvp
 def _flash_jvp(cfg: Config, primals, tangents):
-  q, k, v, lengths, aux = primals
-  dq, dk, dv, _, daux = tangents
-  out, lse = _flash(cfg, q, k, v, lengths, aux)
+  q, k, v, lengths, aux, drop = primals
+  dq, dk, dv, _, daux, _ = tangents
+  out, lse = _flash(cfg, q, k, v, lengths, aux, drop)
   tan_aux = {n: a for n, a in aux.items() if n != "bias"}
   if "bias" in aux:
     tan_aux["bias"] = aux["bias"]
@@ -291,7 +310,7 @@ def _flash_jvp(cfg: Config, primals, tangents):
   head_side = {"k": k, "v": v, "dk": dk, "dv": dv, **lengths}
   do, dlse = _sweep(
     lambda i, q_i, kv_h, aux_i: _tangent_tile(cfg, i, q_i, kv_h, aux_i),
-    {"q": q, "dq": dq, "o": out, "lse": lse},
+    {"q": q, "dq": dq, "o": out, "lse": lse, **drop},
     head_side,
     tan_aux,
   )
@@ -370,6 +389,9 @@ def blockwise_attention(
   alignment: _masks.Alignment = "bottom_right",
   block_q: int | None = None,
   block_kv: int | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng: Array | None = None,
+  deterministic: bool = False,
   return_lse: bool = False,
   return_stats: bool = False,
 ):
@@ -416,7 +438,16 @@ def blockwise_attention(
     # JAX differentiates the product for us, also for a traced scale.
     query = query * jnp.asarray(scale, query.dtype)
   skip = is_causal or window is not None or bool(lengths)
-  cfg = Config(T, S, bq, bk, nq, nk, offset, is_causal, window, static_scale, skip)
+  dropout = _dropout.check_dropout(dropout_rate, dropout_rng, deterministic)
+  drop, rate, impl = {}, 0.0, None
+  if dropout is not None:
+    rate, impl = dropout.rate, jax.random.key_impl(dropout.rng)
+    rows = _dropout.row_keys(_dropout.head_keys(dropout.rng, batch, N), jnp.arange(nq * bq))
+    rows = jax.random.key_data(rows)  # (B, N, nq * bq, W)
+    W = rows.shape[-1]
+    rows = rows.reshape(B * K, G, nq, bq, W).transpose(0, 2, 1, 3, 4)
+    drop = {"rows": rows}  # (BK, nq, G, bq, W), laid out like the queries
+  cfg = Config(T, S, bq, bk, nq, nk, offset, is_causal, window, static_scale, skip, rate, impl)
 
   q = query.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
   q = _pad_axis(q, 3, nq * bq).reshape(B * K, G, nq, bq, H).transpose(0, 2, 1, 3, 4)
@@ -426,9 +457,9 @@ def blockwise_attention(
   v = _pad_axis(v, 2, nk * bk).reshape(B * K, nk, bk, D)
 
   if return_stats:
-    out, lse, stats = _forward(cfg, q, k, v, lengths, aux, want_entropy=True)
+    out, lse, stats = _forward(cfg, q, k, v, lengths, aux, drop, want_entropy=True)
   else:
-    out, lse = _flash(cfg, q, k, v, lengths, aux)
+    out, lse = _flash(cfg, q, k, v, lengths, aux, drop)
     stats = {}
 
   def untile(x, last):  # (BK, nq, G, bq, *last) -> (..., N, T, *last) heads-major

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _blockwise, _masks
+from jattn import _blockwise, _dropout, _masks
 from jattn._checks import (
   Array,
   _Dims,
@@ -248,12 +248,17 @@ def attention_steps(
   query_seq_lengths: Array | None = None,
   key_value_seq_lengths: Array | None = None,
   alignment: Alignment = "bottom_right",
+  dropout_rate: float = 0.0,
+  dropout_rng: Array | None = None,
+  deterministic: bool = False,
 ) -> Steps:
   """Validates the inputs and runs steps 4-7, keeping every intermediate.
 
   Arguments as in :func:`dot_product_attention`. Under ``jit``, intermediates
-  that the caller drops are never computed.
+  that the caller drops are never computed. With dropout, ``weights`` are the
+  weights applied: dropped and rescaled.
   """
+  dropout = _dropout.check_dropout(dropout_rate, dropout_rng, deterministic)
   query, key, value, dims = check_qkv(query, key, value)
   combined = build_mask(
     dims,
@@ -266,6 +271,8 @@ def attention_steps(
   )
   scores = attention_scores(query, key, scale=scale, bias=bias)
   weights = masked_softmax(scores, combined)
+  if dropout is not None:
+    weights = _dropout.apply(dropout, weights, dims.batch)
   return Steps(scores, combined, weights, weighted_sum(weights, value))
 
 
@@ -307,6 +314,9 @@ def dot_product_attention(
   implementation: str = "auto",
   block_q: int | None = None,
   block_kv: int | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng: Array | None = None,
+  deterministic: bool = False,
   return_weights: bool = False,
   return_lse: bool = False,
 ) -> Array | tuple[Array, ...]:
@@ -338,9 +348,18 @@ def dot_product_attention(
       with an online softmax in O(T + S) memory, differentiable in forward and
       reverse mode; ``"auto"`` (default) takes blockwise when ``T * S`` is large
       and the weights are not requested.
-    block_q: query block size of the blockwise path (default: up to 1024).
-    block_kv: key/value block size of the blockwise path (default: up to 1024).
-    return_weights: also return the attention weights (naive path only).
+    block_q: query block size of the blockwise path (default: 16 to 256).
+    block_kv: key/value block size of the blockwise path (default: all keys up
+      to 32768).
+    dropout_rate: probability of dropping each attention weight (kept weights
+      are scaled by ``1 / (1 - rate)``); a static float in ``[0, 1)``.
+    dropout_rng: the PRNG key dropout is drawn from; required when
+      ``dropout_rate > 0`` and not ``deterministic``. Each keep bit depends only
+      on this key and the (batch, head, query, key) position, so every
+      implementation and block size drops the same weights.
+    deterministic: turn dropout off (evaluation).
+    return_weights: also return the attention weights, as applied (after
+      dropout), naive path only.
     return_lse: also return the log-sum-exp of each query's scores, ``-inf`` for
       a query that attends nothing (to combine partial attentions).
 
@@ -374,6 +393,9 @@ def dot_product_attention(
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
     alignment=alignment,
+    dropout_rate=dropout_rate,
+    dropout_rng=dropout_rng,
+    deterministic=deterministic,
   )
   if choose_implementation(implementation, dims, return_weights) == "blockwise":
     return _blockwise.blockwise_attention(
