@@ -14,6 +14,8 @@ from jattn._core import dot_product_attention as dot_product_attention
 from jattn._core import masked_logsumexp as masked_logsumexp
 from jattn._core import masked_softmax as masked_softmax
 from jattn._core import weighted_sum as weighted_sum
+from jattn._decode import decode_step as decode_step
+from jattn._decode import init_cache as init_cache
 from jattn._masks import causal_mask as causal_mask
 from jattn._masks import combine_masks as combine_masks
 from jattn._masks import padding_mask as padding_mask
@@ -34,10 +36,12 @@ __all__ = (
   "attention_weights",
   "causal_mask",
   "combine_masks",
+  "decode_step",
   "dot_product_attention",
   "explain",
   "get_initializer",
   "init",
+  "init_cache",
   "masked_logsumexp",
   "masked_softmax",
   "padding_mask",

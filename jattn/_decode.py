@@ -1,0 +1,145 @@
+"""Autoregressive decoding with a key/value cache, as two pure functions.
+
+The cache is a plain pytree (so it jits, donates and checkpoints like params)::
+
+  {"key":   (..., L, K, H),    # keys of the positions decoded so far, zeros beyond
+   "value": (..., L, K, D),
+   "index": ()  int32}         # how many positions are filled: the next position
+
+``L`` is the maximum length. :func:`decode_step` takes the inputs of the next
+``T >= 1`` positions (one token, or a chunk of a prompt: chunked prefill), writes
+their keys and values at ``index`` and lets each new query attend every cached
+position up to its own: causal attention with the queries placed at
+``index .. index + T - 1`` among the ``L`` slots. Decoding a sequence token by
+token therefore equals causal self-attention over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jattn import _core, _masks, _params
+
+Array = jax.Array
+
+# Options that decode_step decides itself.
+_FIXED = ("is_causal", "alignment", "query_seq_lengths", "return_weights", "return_lse")
+
+
+def init_cache(
+  params: Any, batch_shape: tuple[int, ...], max_len: int, *, dtype: Any = None
+) -> dict[str, Array]:
+  """An empty key/value cache for :func:`decode_step`.
+
+  Args:
+    params: a pytree from :func:`jattn.init` (sets ``K``, ``H`` and ``D``).
+    batch_shape: the leading batch dimensions ``...`` of the inputs (``()`` for none).
+    max_len: ``L``, the most positions the cache can hold.
+    dtype: dtype of the cached keys and values (default: that of the key kernel).
+
+  Returns:
+    ``{"key": (..., L, K, H), "value": (..., L, K, D), "index": ()}``, zeros.
+
+  Examples:
+    >>> import jax, jattn
+    >>> p = jattn.init(jax.random.key(0), 8, 4, num_heads=4, num_kv_heads=2)
+    >>> jax.tree.map(lambda a: a.shape, jattn.init_cache(p, (3,), 16))
+    {'index': (), 'key': (3, 16, 2, 4), 'value': (3, 16, 2, 4)}
+  """
+  proj = _params.Projections(params)
+  max_len = _masks._check_length("max_len", max_len)
+  batch_shape = tuple(batch_shape)
+  if not all(isinstance(b, int) and b > 0 for b in batch_shape):
+    raise ValueError(f"batch_shape must be a tuple of positive ints, got {batch_shape!r}.")
+  kernel = proj.key[0]
+  dtype = kernel.dtype if dtype is None else dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"the cache dtype must be floating point, got {dtype}.")
+  K = kernel.shape[1]
+  return {
+    "key": jnp.zeros((*batch_shape, max_len, K, proj.head_dim), dtype),
+    "value": jnp.zeros((*batch_shape, max_len, K, proj.v_head_dim), dtype),
+    "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def _check_cache(cache: Any, k: Array, v: Array) -> tuple[Array, Array, Array]:
+  if not isinstance(cache, dict) or set(cache) != {"key", "value", "index"}:
+    raise TypeError("cache must be the dict from jattn.init_cache: keys 'key', 'value', 'index'.")
+  keys, values, index = (jnp.asarray(cache[n]) for n in ("key", "value", "index"))
+  batch, (T, K, H), D = k.shape[:-3], k.shape[-3:], v.shape[-1]
+  L = keys.shape[-3] if keys.ndim >= 3 else 0
+  if keys.shape != (*batch, L, K, H) or values.shape != (*batch, L, K, D):
+    raise ValueError(
+      f"the cache holds keys {keys.shape} and values {values.shape}, but the inputs give keys "
+      f"{k.shape} and values {v.shape}: expected (..., L, {K}, {H}) and (..., L, {K}, {D}) "
+      f"with the inputs' batch dims {batch}."
+    )
+  if index.shape != () or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise TypeError(f"cache['index'] must be a scalar int, got {index.dtype}{index.shape}.")
+  if T > L:
+    raise ValueError(f"{T} new positions do not fit a cache of max_len {L}.")
+  if not isinstance(index, jax.core.Tracer) and int(index) + T > L:
+    raise ValueError(f"the cache is full: index {int(index)} + {T} new positions > max_len {L}.")
+  return keys, values, index
+
+
+def decode_step(
+  params: Any, cache: dict[str, Array], x: Array, **options: Any
+) -> tuple[Array, dict[str, Array]]:
+  """Attends the next ``T`` positions to everything decoded so far, and updates the cache.
+
+  Args:
+    params: a pytree from :func:`jattn.init`.
+    cache: from :func:`init_cache` or a previous ``decode_step``.
+    x: ``(..., T, F)`` inputs of the next ``T >= 1`` positions.
+    **options: options of :func:`jattn.dot_product_attention` (``scale``,
+      ``local_window_size``, ``mask`` (broadcast against ``(..., N, T, L)``),
+      ``bias``, ``key_value_seq_lengths``, ``implementation``, dropout, ...),
+      except those decode fixes: it is always causal, with the queries at
+      positions ``index .. index + T - 1``.
+
+  Returns:
+    ``(outputs, cache)``: outputs ``(..., T, O)`` (or ``(..., T, N * D)``) as
+    :func:`jattn.self_attention` gives them, and the cache with ``index + T``.
+    Outside ``jit`` a step that overflows the cache raises ``ValueError``;
+    under ``jit`` (a traced index) its outputs are NaN.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jattn
+    >>> p = jattn.init(jax.random.key(0), 8, 4, num_heads=2)
+    >>> x = jax.random.normal(jax.random.key(1), (5, 8))
+    >>> cache = jattn.init_cache(p, (), max_len=5)
+    >>> steps = []
+    >>> for t in range(5):
+    ...   out, cache = jattn.decode_step(p, cache, x[t:t + 1])
+    ...   steps.append(out)
+    >>> full = jattn.self_attention(p, x, is_causal=True)
+    >>> bool(jnp.allclose(jnp.concatenate(steps), full, atol=1e-6))
+    True
+  """
+  fixed = sorted(set(options) & set(_FIXED))
+  if fixed:
+    raise TypeError(f"decode_step fixes {fixed} itself (always causal, at the cache's index).")
+  proj = _params.Projections(params)
+  q, k, v = _params.project_qkv(proj, x, x)
+  keys, values, index = _check_cache(cache, k, v)
+  T, L = q.shape[-3], keys.shape[-3]
+  axis = keys.ndim - 3
+  keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis)
+  values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis)
+  window = _masks.normalize_window(options.pop("local_window_size", None))
+  positions = _masks.position_mask(
+    index + jnp.arange(T), jnp.arange(L), is_causal=True, window=window
+  )  # (T, L)
+  mask = _masks.combine_masks(options.pop("mask", None), positions)
+  heads = _core.dot_product_attention(
+    q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask, **options
+  )
+  overflow = index + T > L
+  heads = jnp.where(overflow, jnp.nan, heads)
+  new_cache = {"key": keys, "value": values, "index": (index + T).astype(jnp.int32)}
+  return _params.project_out(proj, heads), new_cache
