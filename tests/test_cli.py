@@ -114,3 +114,38 @@ def test_bench_skips_what_cannot_fit_and_rejects_bad_shapes():
   assert skipped["skipped"].startswith("needs > 128 GB")
   result = run("bench", "--shapes", "1,64,2")
   assert result.returncode == 2 and "four positive sizes" in result.stderr
+
+
+def test_train_reaches_the_accuracy_with_defaults_and_saves_the_map(tmp_path):
+  out = tmp_path / "map.png"
+  result = run("train", "--out", str(out), "--checkpoint-dir", str(tmp_path / "ck"))
+  assert result.returncode == 0, result.stderr
+  accuracy = float(re.search(r"held-out accuracy: ([\d.]+)", result.stdout).group(1))
+  assert accuracy >= 0.99
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "step/s" in result.stderr and "acc=" in result.stderr  # the progress bar
+  assert sorted(p.name for p in (tmp_path / "ck").iterdir())[-1] == "step_00000500.msgpack"
+
+
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--batch-size", "-1"], "--batch-size must be positive"),
+  ],
+)
+def test_train_bad_arguments_exit_nonzero(capsys, args, message):
+  assert cli.main(["train", "--no-plot", *args]) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_train_unknown_task_and_corrupt_checkpoint(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["train", "--task", "sort"])
+  assert exit_info.value.code == 2
+  (tmp_path / "step_00000001.msgpack").write_bytes(b"junk")
+  (tmp_path / "step_00000001.json").write_text('{"step": 1, "bytes": 4, "sha256": "0"}')
+  code = cli.main(["train", "--no-plot", "--checkpoint-dir", str(tmp_path), "--resume"])
+  assert code == 2
+  assert "corrupt" in capsys.readouterr().err
