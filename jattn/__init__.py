@@ -23,6 +23,8 @@ from jattn._masks import sliding_window_mask as sliding_window_mask
 from jattn._params import INITIALIZER_NAMES as INITIALIZER_NAMES
 from jattn._params import get_initializer as get_initializer
 from jattn._params import init as init
+from jattn._ring import Ring as Ring
+from jattn._ring import ring_attention as ring_attention
 from jattn._walkthrough import walkthrough_example as walkthrough_example
 
 __version__ = "0.1.0"
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = (
   "IMPLEMENTATIONS",
   "INITIALIZER_NAMES",
+  "Ring",
   "attention",
   "attention_scores",
   "attention_stats",
@@ -45,6 +48,7 @@ __all__ = (
   "masked_logsumexp",
   "masked_softmax",
   "padding_mask",
+  "ring_attention",
   "self_attention",
   "sliding_window_mask",
   "walkthrough_example",

@@ -92,9 +92,8 @@ def _valid(cfg: Config, i, j, lengths, aux, shape) -> Array | None:
   """Which (query, key) pairs of tile (i, j) may attend: ``(G, bq, bk)`` bool, or None."""
   q_pos = i * cfg.bq + jnp.arange(cfg.bq)
   kv_pos = j * cfg.bk + jnp.arange(cfg.bk)
-  masks = [
-    _masks.position_mask(q_pos + cfg.offset, kv_pos, is_causal=cfg.is_causal, window=cfg.window)
-  ]
+  offset = cfg.offset + lengths.get("offset", 0)
+  masks = [_masks.position_mask(q_pos + offset, kv_pos, is_causal=cfg.is_causal, window=cfg.window)]
   kv_limit = lengths.get("kv")
   if kv_limit is not None or cfg.nk * cfg.bk != cfg.S:
     kv_limit = cfg.S if kv_limit is None else jnp.minimum(kv_limit, cfg.S)
@@ -109,7 +108,7 @@ def _valid(cfg: Config, i, j, lengths, aux, shape) -> Array | None:
 
 def _visible(cfg: Config, i, j, lengths) -> Array:
   """Whether tile (i, j) holds any pair the position and length masks allow."""
-  q_first = i * cfg.bq + cfg.offset
+  q_first = i * cfg.bq + cfg.offset + lengths.get("offset", 0)
   q_last = q_first + cfg.bq - 1
   kv_first, kv_last = j * cfg.bk, j * cfg.bk + cfg.bk - 1
   visible = jnp.asarray(True)
@@ -174,7 +173,7 @@ def _kv_scan(cfg, i, kv_h, aux, step, init, remat=False):
   inside the skipping ``cond`` would make the cond save per-tile copies of the
   key and value blocks: O(T * S / block_q) memory.)
   """
-  lengths = {n: kv_h[n] for n in ("q", "kv") if n in kv_h}
+  lengths = {n: kv_h[n] for n in ("q", "kv", "offset") if n in kv_h}
   blocks = {n: kv_h[n] for n in ("k", "v", "dk", "dv") if n in kv_h}
   aux_kv, aux_c = _split(aux)
   xs = (jnp.arange(cfg.nk), blocks, aux_kv)
@@ -394,8 +393,14 @@ def blockwise_attention(
   deterministic: bool = False,
   return_lse: bool = False,
   return_stats: bool = False,
+  position_offset: Array | None = None,
 ):
-  """Blockwise attention; arguments and results as :func:`jattn.dot_product_attention`."""
+  """Blockwise attention; arguments and results as :func:`jattn.dot_product_attention`.
+
+  ``position_offset`` (a scalar int, may be traced) is added to every query's
+  position for the causal and window masks, on top of ``alignment``: the ring
+  path uses it to place a device's queries against another device's keys.
+  """
   query, key, value, dims = _core.check_qkv(query, key, value)
   if not isinstance(is_causal, bool):
     raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}.")
@@ -418,6 +423,8 @@ def blockwise_attention(
     )
     if checked is not None:
       lengths[name] = jnp.repeat(checked.reshape(B), K)  # one per head group
+  if position_offset is not None:
+    lengths["offset"] = jnp.broadcast_to(jnp.asarray(position_offset, jnp.int32), (B * K,))
   aux = {}
   if mask is not None:
     aux["mask"] = _tile_aux(

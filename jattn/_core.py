@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _blockwise, _dropout, _masks
+from jattn import _blockwise, _dropout, _masks, _ring
 from jattn._checks import (
   Array,
   _Dims,
@@ -311,7 +311,7 @@ def dot_product_attention(
   query_seq_lengths: Array | None = None,
   key_value_seq_lengths: Array | None = None,
   alignment: Alignment = "bottom_right",
-  implementation: str = "auto",
+  implementation: str | _ring.Ring = "auto",
   block_q: int | None = None,
   block_kv: int | None = None,
   dropout_rate: float = 0.0,
@@ -347,7 +347,8 @@ def dot_product_attention(
       only path that can return them); ``"blockwise"`` streams blocks of keys
       with an online softmax in O(T + S) memory, differentiable in forward and
       reverse mode; ``"auto"`` (default) takes blockwise when ``T * S`` is large
-      and the weights are not requested.
+      and the weights are not requested; a :class:`jattn.Ring` runs
+      :func:`jattn.ring_attention` with the sequence sharded over a mesh axis.
     block_q: query block size of the blockwise path (default: 16 to 256).
     block_kv: key/value block size of the blockwise path (default: all keys up
       to 32768).
@@ -397,6 +398,30 @@ def dot_product_attention(
     dropout_rng=dropout_rng,
     deterministic=deterministic,
   )
+  if isinstance(implementation, _ring.Ring):
+    given = [n for n, x in (("mask", mask), ("bias", bias)) if x is not None]
+    given += ["return_weights"] if return_weights else []
+    given += ["dropout"] if dropout_rate and not deterministic else []
+    if given:
+      raise ValueError(
+        f"ring attention does not support {given}: (T, S)-sized masks, biases and weights are "
+        "what sequence parallelism avoids; use lengths, is_causal and local_window_size."
+      )
+    return _ring.ring_attention(
+      query,
+      key,
+      value,
+      **implementation._asdict(),
+      scale=scale,
+      is_causal=is_causal,
+      local_window_size=local_window_size,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      alignment=alignment,
+      block_q=block_q,
+      block_kv=block_kv,
+      return_lse=return_lse,
+    )
   if choose_implementation(implementation, dims, return_weights) == "blockwise":
     return _blockwise.blockwise_attention(
       query, key, value, **options, block_q=block_q, block_kv=block_kv, return_lse=return_lse

@@ -1,0 +1,163 @@
+"""Ring attention on 8 simulated CPU devices; run by tests/test_ring.py in its own process.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/multidevice/ring_cases.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jattn
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eight_devices():
+  if jax.device_count() != 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+
+
+def qkv(batch, T, S, N, K, H=8, D=8, seed=0):
+  r = np.random.default_rng(seed)
+  return tuple(
+    jnp.asarray(r.standard_normal(shape), jnp.float32)
+    for shape in ((*batch, T, N, H), (*batch, S, K, H), (*batch, S, K, D))
+  )
+
+
+def loss(fn):
+  def f(q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(jnp.sin(out) * jnp.broadcast_to(jnp.cos(jnp.arange(out.shape[-1])), out.shape))
+
+  return f
+
+
+CASES = [
+  # mesh shape and axes, (batch, T, S, N, K), options
+  ((8,), ("seq",), {}, ((2,), 64, 64, 4, 4), {}),
+  ((8,), ("seq",), {}, ((2,), 64, 64, 4, 2), {"is_causal": True}),
+  ((8,), ("seq",), {}, ((), 37, 37, 2, 1), {"is_causal": True}),  # T not a multiple of 8
+  ((4, 2), ("seq", "heads"), {"head_axis": "heads"}, ((3,), 20, 20, 4, 2), {"is_causal": True}),
+  (
+    (2, 4),
+    ("data", "seq"),
+    {"batch_axis": "data"},
+    ((2, 3), 19, 33, 4, 4),
+    {"is_causal": True, "key_value_seq_lengths": jnp.array([[33, 20, 5], [1, 33, 17]])},
+  ),
+  (
+    (2, 2, 2),
+    ("data", "seq", "heads"),
+    {"batch_axis": "data", "head_axis": "heads"},
+    ((2,), 24, 24, 2, 2),
+    {"local_window_size": (5, 2), "query_seq_lengths": jnp.array([24, 13])},
+  ),
+]
+
+
+@pytest.mark.parametrize(("mesh_shape", "names", "axes", "sizes", "options"), CASES)
+def test_outputs_lse_and_gradients_equal_single_device(mesh_shape, names, axes, sizes, options):
+  mesh = jax.make_mesh(mesh_shape, names)
+  batch, T, S, N, K = sizes
+  q, k, v = qkv(batch, T, S, N, K)
+
+  def ring(q, k, v):
+    return jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", **axes, **options)
+
+  def single(q, k, v):
+    return jattn.dot_product_attention(q, k, v, implementation="naive", **options)
+
+  out, lse = jax.jit(
+    lambda q, k, v: jattn.ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", return_lse=True, **axes, **options
+    )
+  )(q, k, v)
+  ref = single(q, k, v)
+  _, ref_lse = jattn.dot_product_attention(
+    q, k, v, implementation="naive", return_lse=True, **options
+  )
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(lse, ref_lse, atol=1e-5, rtol=1e-5)
+  grads = jax.jit(jax.grad(loss(ring), argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.grad(loss(single), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(grads, expected, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_output_stays_sharded_over_the_sequence():
+  mesh = jax.make_mesh((8,), ("seq",))
+  q, k, v = qkv((1,), 64, 64, 2, 2)
+  out = jax.jit(lambda q, k, v: jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq"))(q, k, v)
+  assert out.sharding.spec == P(None, "seq", None, None)
+  assert {s.data.shape for s in out.addressable_shards} == {(1, 8, 2, 8)}
+
+
+def test_selected_through_implementation_in_self_attention_and_linen():
+  import jattn.linen
+
+  mesh = jax.make_mesh((8,), ("seq",))
+  params = jattn.init(jax.random.key(0), 16, 8, num_heads=2, out_features=16)
+  x = jax.random.normal(jax.random.key(1), (2, 40, 16))
+  ring = jattn.Ring(mesh, "seq")
+  got = jattn.self_attention(params, x, is_causal=True, implementation=ring)
+  np.testing.assert_allclose(got, jattn.self_attention(params, x, is_causal=True), atol=1e-5)
+  module = jattn.linen.MultiHeadAttention(
+    num_heads=2, head_dim=8, is_causal=True, implementation=ring
+  )
+  np.testing.assert_allclose(
+    module.apply({"params": params}, x),
+    jattn.self_attention(params, x, is_causal=True),
+    atol=1e-5,
+  )
+
+
+def test_data_and_head_parallel_recipe_with_plain_jit():
+  # Batch over "data", heads over "heads": attention is independent per batch element and
+  # head, so plain jax.jit of the jattn function partitions it with no communication.
+  mesh = jax.make_mesh((4, 2), ("data", "heads"))
+  q, k, v = qkv((8,), 16, 16, 4, 2)
+  spec = NamedSharding(mesh, P("data", None, "heads", None))
+  q, k, v = (jax.device_put(a, spec) for a in (q, k, v))
+  out = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=True))(q, k, v)
+  assert out.sharding.spec == P("data", None, "heads", None)
+  assert {s.data.shape for s in out.addressable_shards} == {(2, 16, 2, 8)}
+  ref = jattn.dot_product_attention(*(np.asarray(a) for a in (q, k, v)), is_causal=True)
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_memory_per_device_falls_with_the_device_count():
+  # XLA's own accounting of the per-device program: temporaries of forward+backward.
+  T = 4096
+  q, k, v = qkv((1,), T, T, 2, 2, H=32, D=32)
+  temps = {}
+  for devices in (2, 8):
+    mesh = jax.make_mesh((devices,), ("seq",), devices=jax.devices()[:devices])
+    f = jax.jit(
+      jax.grad(
+        loss(
+          lambda q, k, v, mesh=mesh: jattn.ring_attention(
+            q, k, v, mesh=mesh, axis_name="seq", is_causal=True
+          )
+        )
+      )
+    )
+    temps[devices] = f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+  assert temps[8] < 0.4 * temps[2], temps  # 1/P scaling would be 0.25
+
+
+def test_errors_name_the_problem():
+  mesh = jax.make_mesh((4, 2), ("seq", "heads"))
+  q, k, v = qkv((2,), 16, 16, 3, 3)
+  with pytest.raises(ValueError, match="not an axis of the mesh"):
+    jattn.ring_attention(q, k, v, mesh=mesh, axis_name="sequence")
+  with pytest.raises(ValueError, match="must divide both"):
+    jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", head_axis="heads")
+  with pytest.raises(ValueError, match="does not support \\['mask'\\]"):
+    jattn.dot_product_attention(
+      q, k, v, mask=jnp.ones((16, 16), bool), implementation=jattn.Ring(mesh, "seq")
+    )

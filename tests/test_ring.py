@@ -1,0 +1,110 @@
+"""Ring attention: single-device checks here; 8 simulated devices and 2 OS processes in
+subprocesses, since the device count is fixed when JAX starts."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import normal
+
+import jattn
+
+HERE = Path(__file__).resolve().parent
+MULTIDEVICE = HERE / "multidevice"
+
+
+def env_with_devices(count: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def test_on_eight_simulated_devices():
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      "-x",
+      str(MULTIDEVICE / "ring_cases.py"),
+    ],
+    env=env_with_devices(8),
+    capture_output=True,
+    text=True,
+    timeout=540,
+    cwd=HERE.parent,
+  )
+  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+  assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_joined_by_jax_distributed():
+  port, processes = free_port(), []
+  try:
+    for process_id in range(2):
+      processes.append(
+        subprocess.Popen(
+          [sys.executable, str(MULTIDEVICE / "ring_process.py"), str(process_id), "2", str(port)],
+          env=env_with_devices(4),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+        )
+      )
+    outputs = [p.communicate(timeout=240)[0] for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for process_id, (p, output) in enumerate(zip(processes, outputs, strict=True)):
+    assert p.returncode == 0, output[-4000:]
+    assert f"OK process {process_id}/2: 4 local of 8 devices, 16 shards checked" in output
+
+
+def test_one_device_ring_equals_blockwise_and_rejects_forward_mode(rng):
+  mesh = jax.make_mesh((1,), ("seq",))
+  q, k, v = (normal(rng, (2, 9, 2, 4)) for _ in range(3))
+  ring = jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True)
+  np.testing.assert_allclose(ring, jattn.dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+  # Reverse mode only (a custom VJP): JAX refuses the JVP (its message varies by version).
+  with pytest.raises(TypeError):
+    jax.jvp(lambda q: jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq"), (q,), (q,))
+
+
+def test_ring_option_errors(rng):
+  mesh = jax.make_mesh((1,), ("seq",))
+  q, k, v = (normal(rng, (2, 4, 2, 4)) for _ in range(3))
+  ring = jattn.Ring(mesh, "seq")
+  with pytest.raises(ValueError, match="return_weights"):
+    jattn.dot_product_attention(q, k, v, implementation=ring, return_weights=True)
+  with pytest.raises(ValueError, match="dropout"):
+    jattn.dot_product_attention(
+      q, k, v, implementation=ring, dropout_rate=0.1, dropout_rng=jax.random.key(0)
+    )
+  with pytest.raises(ValueError, match="must be another axis"):
+    jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", batch_axis="seq")
+  with pytest.raises(ValueError, match="leading batch"):
+    jattn.ring_attention(
+      q[0], k[0], v[0], mesh=jax.make_mesh((1, 1), ("d", "seq")), axis_name="seq", batch_axis="d"
+    )
+  with pytest.raises(TypeError, match="static scale"):
+    jax.jit(lambda s: jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", scale=s))(
+      jnp.float32(0.5)
+    )
