@@ -12,10 +12,9 @@ import sys
 
 import jax
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
 
 def main(process_id: int, num_processes: int, port: int) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{port}",
     num_processes=num_processes,
