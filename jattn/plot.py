@@ -56,15 +56,24 @@ def attention_map(
       f"of shape {w.shape} (heads, T, S)."
     )
   annotate = (t <= 12 and s <= 12) if annotate is None else annotate
+  longest = max(len(label) for label in (*query_tokens, *key_tokens))
+  rotate = s > 12 or longest > 3  # long or many key labels would overlap side by side
+  label_room = 0.08 * longest  # inches for the query labels (left) and rotated key labels
   fig, axes = plt.subplots(
-    1, heads, figsize=(1.2 + 0.5 * max(s, 4) * heads, 1.0 + 0.5 * max(t, 4)), squeeze=False
+    1,
+    heads,
+    figsize=(1.6 + label_room + 0.5 * max(s, 4) * heads, 1.2 + label_room + 0.5 * max(t, 4)),
+    squeeze=False,
+    sharey=True,
+    layout="constrained",
   )
   for n, ax in enumerate(axes[0]):
     image = ax.imshow(w[n], vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(s), key_tokens, rotation=90 if s > 12 else 0)
+    ax.set_xticks(range(s), key_tokens, rotation=90 if rotate else 0)
     ax.set_yticks(range(t), query_tokens)
     ax.set_xlabel("key")
-    ax.set_ylabel("query")
+    if n == 0:  # the panels share the query axis: label it once
+      ax.set_ylabel("query")
     if heads > 1:
       ax.set_title(f"head {n}")
     if annotate:
@@ -76,6 +85,6 @@ def attention_map(
   if title:
     fig.suptitle(title)
   if path is not None:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
   return fig
