@@ -201,7 +201,7 @@ def _forward_tile(cfg: Config, i, q_i, kv_h, aux, want_entropy: bool):
   f32 = _core.compute_dtype(q_i["q"].dtype)
 
   def step(carry, j, blk, lengths, aux_j):
-    m, l, acc, ps = carry
+    m, l, acc, (ps, mx) = carry
     s = _scores(cfg, q_i["q"], blk["k"])
     if "bias" in aux_j:
       s = s + jnp.broadcast_to(aux_j["bias"], s.shape).astype(f32)
@@ -221,15 +221,18 @@ def _forward_tile(cfg: Config, i, q_i, kv_h, aux, want_entropy: bool):
     acc = acc * correction[..., None] + pv
     if want_entropy:  # running sum of p * s, for the entropy lse - E_p[s]
       ps = ps * correction + jnp.sum(jnp.where(p > 0, p * s, 0.0), axis=-1)
-    return m_new, l, acc, ps
+      # The largest score again, differentiable this time (m is not): max_weight's
+      # gradient needs d(max s).
+      mx = jnp.maximum(mx, jnp.max(s, axis=-1))
+    return m_new, l, acc, (ps, mx)
 
   init = (
     jnp.full((G, bq), -jnp.inf, f32),
     jnp.zeros((G, bq), f32),
     jnp.zeros((G, bq, D), f32),
-    jnp.zeros((G, bq), f32),
+    (jnp.zeros((G, bq), f32), jnp.full((G, bq), -jnp.inf, f32)),
   )
-  m, l, acc, ps = _kv_scan(cfg, i, kv_h, aux, step, init)
+  m, l, acc, (ps, mx) = _kv_scan(cfg, i, kv_h, aux, step, init)
   attended = l > 0
   l_safe = jnp.where(attended, l, 1.0)
   out = jnp.where(attended[..., None], acc / l_safe[..., None], 0.0)
@@ -238,7 +241,7 @@ def _forward_tile(cfg: Config, i, q_i, kv_h, aux, want_entropy: bool):
   if want_entropy:
     stats = {
       "entropy": jnp.where(attended, lse - ps / l_safe, 0.0),
-      "max_weight": jnp.where(attended, 1.0 / l_safe, 0.0),
+      "max_weight": jnp.where(attended, jnp.exp(jnp.where(attended, mx - lse, 0.0)), 0.0),
     }
   return out.astype(q_i["q"].dtype), lse, stats
 
