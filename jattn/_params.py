@@ -332,3 +332,13 @@ def project_out(proj: Projections, heads: Array) -> Array:
   dtype = jnp.result_type(heads, kernel)
   y = jnp.einsum("...TND,NDO->...TO", heads.astype(dtype), kernel.astype(dtype))
   return y if bias is None else y + jnp.broadcast_to(bias.astype(dtype), y.shape)
+
+
+def cast(dtype: Any, params: Any, *inputs: Any) -> tuple[Any, list[Array]]:
+  """Params and inputs in the computation dtype of a module: ``dtype``, or else the
+  promoted dtype of inputs and params (float32 for integer inputs)."""
+  dtype = dtype or jnp.result_type(*inputs, *jax.tree.leaves(params))
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.float32
+  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  return params, [jnp.asarray(x, dtype) for x in inputs]

@@ -135,11 +135,7 @@ class MultiHeadAttention(nn.Module):
         f"inputs must be laid out (..., seq, features); got {inputs_q.shape} and {inputs_kv.shape}."
       )
     params = self._params(inputs_q.shape[-1], inputs_kv.shape[-1])
-    dtype = self.dtype or jnp.result_type(inputs_q, *jax.tree.leaves(params))
-    if not jnp.issubdtype(dtype, jnp.floating):
-      dtype = jnp.float32
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-    inputs_q, inputs_kv = inputs_q.astype(dtype), inputs_kv.astype(dtype)
+    params, (inputs_q, inputs_kv) = _params.cast(self.dtype, params, inputs_q, inputs_kv)
     options: dict[str, Any] = dict(
       mask=mask,
       bias=bias,
@@ -162,7 +158,7 @@ class MultiHeadAttention(nn.Module):
         raise ValueError("decode mode supports neither sow_weights nor query_seq_lengths.")
       initialized = self.has_variable("cache", "index")
       batch, max_len = inputs_q.shape[:-2], inputs_q.shape[-2]
-      empty = _decode.init_cache(params, batch, max_len, dtype=dtype)
+      empty = _decode.init_cache(params, batch, max_len, dtype=inputs_q.dtype)
       cache = {n: self.variable("cache", n, lambda n=n: empty[n]) for n in empty}
       if initialized:
         out, new = _decode.decode_step(

@@ -139,13 +139,7 @@ class MultiHeadAttention(nnx.Module):
     self.cache: dict[str, nnx.Cache] | None = nnx.data(None)
 
   def _cast(self, *inputs: Array) -> tuple[dict[str, dict[str, Array]], list[Array]]:
-    params = get_params(self)
-    dtype = self.dtype or jnp.result_type(*inputs, *jax.tree.leaves(params))
-    if not jnp.issubdtype(dtype, jnp.floating):
-      dtype = jnp.float32
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params), [
-      jnp.asarray(x, dtype) for x in inputs
-    ]
+    return _params.cast(self.dtype, get_params(self), *inputs)
 
   def _dropout(self, deterministic: bool | None, rngs: nnx.Rngs | None) -> dict[str, Any]:
     deterministic = self.deterministic if deterministic is None else deterministic
