@@ -90,7 +90,7 @@ def compare_float32(fast, slow, q, k, v, opts):
   ]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=14, deadline=None)
 @given(problems())
 def test_blockwise_equals_naive_outputs_lse_and_gradients_float32(problem):
   fast, slow = jitted_comparison(problem, jnp.float32, compare_float32)
@@ -118,7 +118,7 @@ def compare_float64(fast, slow, q, k, v, opts):
   return results
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(problems())
 def test_blockwise_equals_naive_float64_forward_and_reverse(problem):
   with jax.enable_x64(True):

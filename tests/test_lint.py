@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]])
 def test_ruff(args):
-  ruff = shutil.which("ruff")
+  # The ruff installed beside this interpreter (a venv need not be on PATH), else any.
+  ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
   if ruff is None:
     pytest.skip("ruff is not installed (it is in the test extra)")
   result = subprocess.run([ruff, *args], cwd=ROOT, capture_output=True, text=True)

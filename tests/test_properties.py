@@ -9,7 +9,7 @@ from numpy.testing import assert_allclose
 
 import jattn
 
-SETTINGS = settings(max_examples=20, deadline=None)
+SETTINGS = settings(max_examples=10, deadline=None)
 # Jitted once per drawn shape: much faster than compiling every eager op anew.
 dot_product_attention = jax.jit(jattn.dot_product_attention, static_argnames="return_weights")
 self_attention = jax.jit(jattn.self_attention, static_argnames="is_causal")

@@ -23,7 +23,7 @@ def test_readme_python_blocks_run():
   assert quickstart["y"].shape == (4, 128, 64)
   assert quickstart["w"].shape == (4, 8, 128, 128)
   assert long_sequences["hvp"].shape == long_sequences["q"].shape
-  assert long_sequences["rows"].shape == (1, 8, 2, 4096)
+  assert long_sequences["rows"].shape == (1, 8, 2, 2048)
   np.testing.assert_allclose(long_sequences["rows"].sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(
     np.concatenate(modules["steps"], axis=1),

@@ -36,6 +36,8 @@ def test_on_eight_simulated_devices():
       "-p",
       "no:cacheprovider",
       "-x",
+      "-n",
+      "0",  # one process: it already shares the machine with the outer run's workers
       str(MULTIDEVICE / "ring_cases.py"),
     ],
     env=env_with_devices(8),
