@@ -25,6 +25,7 @@ from jattn._params import get_initializer as get_initializer
 from jattn._params import init as init
 from jattn._ring import Ring as Ring
 from jattn._ring import ring_attention as ring_attention
+from jattn._ring import zigzag_order as zigzag_order
 from jattn._walkthrough import walkthrough_example as walkthrough_example
 
 __version__ = "0.1.0"
@@ -53,4 +54,5 @@ __all__ = (
   "sliding_window_mask",
   "walkthrough_example",
   "weighted_sum",
+  "zigzag_order",
 )

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -48,6 +49,26 @@ class Ring(NamedTuple):
   axis_name: str
   batch_axis: str | None = None
   head_axis: str | None = None
+  layout: str = "contiguous"
+
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def zigzag_order(length: int, num_devices: int) -> np.ndarray:
+  """Positions in zig-zag order: device ``d`` holds chunks ``d`` and ``2P - 1 - d`` of ``2P``.
+
+  ``x[..., zigzag_order(T, P), :, :]`` lays a ``(..., T, N, H)`` sequence out for
+  ``ring_attention(..., layout="zigzag")``; ``np.argsort`` of it undoes that.
+  Lay the inputs out once (position-wise layers do not care about the order) and
+  every causal ring step then has the same visible work on every device.
+  """
+  if length % (2 * num_devices):
+    raise ValueError(
+      f"a zig-zag layout needs the length ({length}) to be a multiple of 2 * {num_devices}."
+    )
+  chunks = np.arange(length).reshape(2 * num_devices, -1)
+  return np.concatenate([np.concatenate([chunks[d], chunks[-1 - d]]) for d in range(num_devices)])
 
 
 def _merge(out, lse, out_j, lse_j):
@@ -59,46 +80,60 @@ def _merge(out, lse, out_j, lse_j):
   return (out * w_old + out_j * w_new).astype(out.dtype), new
 
 
+def _chunks(layout: str, device, size: int, length: int) -> list[tuple[Any, int, int]]:
+  """The chunks of the sequence a device holds: ``(global start, local start, length)``.
+
+  ``"contiguous"``: block ``device`` of ``size``. ``"zigzag"``: chunks ``device`` and
+  ``2 * size - 1 - device`` of ``2 * size``, so that under a causal mask every device
+  has the same amount of visible work.
+  """
+  if layout == "contiguous":
+    return [(device * length, 0, length)]
+  half = length // 2
+  return [(device * half, 0, half), ((2 * size - 1 - device) * half, half, half)]
+
+
 def _ring_fn(cfg: dict[str, Any]):
   """The per-device ring (inside ``shard_map``) with its custom VJP, for static ``cfg``."""
-  axis, size = cfg["axis_name"], cfg["size"]
+  axis, size, layout = cfg["axis_name"], cfg["size"], cfg["layout"]
   perm = tuple((i, (i + 1) % size) for i in range(size))
   Tl, Sl, offset = cfg["Tl"], cfg["Sl"], cfg["offset"]
 
-  def block(j_src, me, q, k, v, q_len, kv_len):
-    """This device's queries against block ``j_src``: ``(out, lse)`` and whether it is visible."""
-    position_offset = me * Tl + offset - j_src * Sl
-    kv_local = None if kv_len is None else jnp.clip(kv_len - j_src * Sl, 0, Sl)
-    q_local = None if q_len is None else jnp.clip(q_len - me * Tl, 0, Tl)
-    visible = jnp.asarray(True)
-    q_first, q_last = me * Tl + offset, me * Tl + offset + Tl - 1
-    kv_first, kv_last = j_src * Sl, j_src * Sl + Sl - 1
-    if cfg["is_causal"]:
-      visible &= kv_first <= q_last
-    if cfg["window"] is not None:
-      left, right = cfg["window"]
-      visible &= (kv_first <= q_last + right) & (kv_last >= q_first - left)
-    if kv_local is not None:
-      visible &= jnp.any(kv_local > 0)
+  def pairs(src, me, q_len, kv_len):
+    """Per (query chunk, key chunk) of this step: slices, an ``attend`` and its visibility."""
+    result = []
+    for q_start, q_at, q_size in _chunks(layout, me, size, Tl):
+      for kv_start, kv_at, kv_size in _chunks(layout, src, size, Sl):
+        kv_local = None if kv_len is None else jnp.clip(kv_len - kv_start, 0, kv_size)
+        q_local = None if q_len is None else jnp.clip(q_len - q_start, 0, q_size)
+        q_first, q_last = q_start + offset, q_start + offset + q_size - 1
+        kv_first, kv_last = kv_start, kv_start + kv_size - 1
+        visible = jnp.asarray(True)
+        if cfg["is_causal"]:
+          visible &= kv_first <= q_last
+        if cfg["window"] is not None:
+          left, right = cfg["window"]
+          visible &= (kv_first <= q_last + right) & (kv_last >= q_first - left)
+        if kv_local is not None:
+          visible &= jnp.any(kv_local > 0)
+        attend = functools.partial(
+          _blockwise.blockwise_attention,
+          scale=cfg["scale"],
+          is_causal=cfg["is_causal"],
+          local_window_size=cfg["window"],
+          query_seq_lengths=q_local,
+          key_value_seq_lengths=kv_local,
+          alignment="top_left",
+          block_q=cfg["block_q"],
+          block_kv=cfg["block_kv"],
+          position_offset=q_first - kv_first,
+          return_lse=True,
+        )
+        result.append((slice(q_at, q_at + q_size), slice(kv_at, kv_at + kv_size), attend, visible))
+    return result
 
-    def attend(q, k, v):
-      return _blockwise.blockwise_attention(
-        q,
-        k,
-        v,
-        scale=cfg["scale"],
-        is_causal=cfg["is_causal"],
-        local_window_size=cfg["window"],
-        query_seq_lengths=q_local,
-        key_value_seq_lengths=kv_local,
-        alignment="top_left",
-        block_q=cfg["block_q"],
-        block_kv=cfg["block_kv"],
-        position_offset=position_offset,
-        return_lse=True,
-      )
-
-    return attend, visible
+  def seq(x, index, axis_from_end):  # x[..., index, (rest)] along the sequence axis
+    return x[(Ellipsis, index) + (slice(None),) * axis_from_end]
 
   def empty(q, v):
     out = jnp.zeros((*q.shape[:-1], v.shape[-1]), q.dtype)
@@ -111,9 +146,12 @@ def _ring_fn(cfg: dict[str, Any]):
 
     def step(carry, s):
       out, lse, k, v = carry
-      attend, visible = block((me - s) % size, me, q, k, v, q_len, kv_len)
-      out_j, lse_j = jax.lax.cond(visible, attend, lambda q, k, v: empty(q, v), q, k, v)
-      out, lse = _merge(out, lse, out_j, lse_j)
+      for qs, ks, attend, visible in pairs((me - s) % size, me, q_len, kv_len):
+        q_c, k_c, v_c = seq(q, qs, 2), seq(k, ks, 2), seq(v, ks, 2)
+        out_j, lse_j = jax.lax.cond(visible, attend, lambda q, k, v: empty(q, v), q_c, k_c, v_c)
+        merged = _merge(seq(out, qs, 2), seq(lse, qs, 0), out_j, lse_j)
+        out = out.at[..., qs, :, :].set(merged[0])
+        lse = lse.at[..., qs].set(merged[1])
       k, v = jax.lax.ppermute((k, v), axis, perm)
       return (out, lse, k, v), None
 
@@ -140,27 +178,28 @@ def _ring_fn(cfg: dict[str, Any]):
 
     def step(carry, s):
       dq, k, v, dk, dv = carry
-      attend, visible = block((me - s) % size, me, q, k, v, q_len, kv_len)
+      for qs, ks, attend, visible in pairs((me - s) % size, me, q_len, kv_len):
+        lse_c, g_out_c, g_share_c = seq(lse_safe, qs, 0), seq(g_out, qs, 2), seq(g_share, qs, 0)
 
-      def share(q, k, v):
-        out_j, lse_j = attend(q, k, v)
-        w = jnp.exp(lse_j - lse_safe)
-        return out_j * jnp.moveaxis(w, -2, -1)[..., None].astype(out_j.dtype), w
+        def grads(q, k, v, attend=attend, lse_c=lse_c, g_out_c=g_out_c, g_share_c=g_share_c):
+          def share(q, k, v):
+            out_j, lse_j = attend(q, k, v)
+            w = jnp.exp(lse_j - lse_c)
+            return out_j * jnp.moveaxis(w, -2, -1)[..., None].astype(out_j.dtype), w
 
-      def grads(q, k, v):
-        _, vjp = jax.vjp(share, q, k, v)
-        return vjp((g_out, g_share))
+          return jax.vjp(share, q, k, v)[1]((g_out_c, g_share_c))
 
-      dq_j, dk_j, dv_j = jax.lax.cond(
-        visible,
-        grads,
-        lambda q, k, v: (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)),
-        q,
-        k,
-        v,
-      )
-      k, v, dk, dv = jax.lax.ppermute((k, v, dk + dk_j, dv + dv_j), axis, perm)
-      return (dq + dq_j, k, v, dk, dv), None
+        def nothing(q, k, v):
+          return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+
+        dq_j, dk_j, dv_j = jax.lax.cond(
+          visible, grads, nothing, seq(q, qs, 2), seq(k, ks, 2), seq(v, ks, 2)
+        )
+        dq = dq.at[..., qs, :, :].add(dq_j)
+        dk = dk.at[..., ks, :, :].add(dk_j)
+        dv = dv.at[..., ks, :, :].add(dv_j)
+      k, v, dk, dv = jax.lax.ppermute((k, v, dk, dv), axis, perm)
+      return (dq, k, v, dk, dv), None
 
     init = (jnp.zeros_like(q), k, v, jnp.zeros_like(k), jnp.zeros_like(v))
     (dq, _, _, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(size))
@@ -187,6 +226,7 @@ def ring_attention(
   alignment: _masks.Alignment = "bottom_right",
   block_q: int | None = None,
   block_kv: int | None = None,
+  layout: str = "contiguous",
   return_lse: bool = False,
 ) -> Array | tuple[Array, Array]:
   """Attention with the sequence sharded over the mesh axis ``axis_name``.
@@ -202,6 +242,11 @@ def ring_attention(
     scale, is_causal, local_window_size, query_seq_lengths,
       key_value_seq_lengths, alignment, block_q, block_kv, return_lse: as in
       :func:`jattn.dot_product_attention` (``block_*`` apply per device).
+    layout: ``"contiguous"`` (device ``d`` holds positions ``d * T/P`` onwards) or
+      ``"zigzag"``: the inputs (and the output) are in :func:`zigzag_order`, so
+      causal work is balanced across devices; ``T`` and ``S`` must then be
+      multiples of ``2 * P``. Lengths, causal and window masks always refer to
+      the natural positions.
 
   Lengths ``T`` and ``S`` need not be multiples of ``P``: the sequences are
   padded up to one, the padded keys masked and the padded queries dropped.
@@ -229,6 +274,13 @@ def ring_attention(
       raise ValueError(f"{name} {axis!r} must be another axis of the mesh {dict(mesh.shape)}.")
   size = mesh.shape[axis_name]
   batch, T, S = dims.batch, dims.T, dims.S
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+  if layout == "zigzag" and (T % (2 * size) or S % (2 * size)):
+    raise ValueError(
+      f"layout='zigzag' needs query and key lengths ({T}, {S}) that are multiples of "
+      f"2 * {size} devices: the inputs come already in zigzag_order."
+    )
   if batch_axis is not None and (not batch or batch[0] % mesh.shape[batch_axis]):
     raise ValueError(
       f"batch_axis {batch_axis!r} ({mesh.shape[batch_axis]} devices) needs a leading batch "
@@ -260,6 +312,7 @@ def ring_attention(
   cfg = dict(
     axis_name=axis_name,
     size=size,
+    layout=layout,
     Tl=Tp // size,
     Sl=Sp // size,
     offset=offset,

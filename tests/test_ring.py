@@ -110,3 +110,18 @@ def test_ring_option_errors(rng):
     jax.jit(lambda s: jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", scale=s))(
       jnp.float32(0.5)
     )
+
+
+def test_zigzag_order_pairs_early_and_late_chunks():
+  np.testing.assert_array_equal(jattn.zigzag_order(8, 2), [0, 1, 6, 7, 2, 3, 4, 5])
+  order = jattn.zigzag_order(48, 8)
+  np.testing.assert_array_equal(np.sort(order), np.arange(48))  # a permutation
+  with pytest.raises(ValueError, match="multiple of 2 \\* 4"):
+    jattn.zigzag_order(12, 4)
+  with pytest.raises(ValueError, match="layout must be one of"):
+    jattn.ring_attention(
+      *(np.ones((4, 1, 2), np.float32),) * 3,
+      mesh=jax.make_mesh((1,), ("seq",)),
+      axis_name="seq",
+      layout="spiral",
+    )

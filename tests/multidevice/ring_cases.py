@@ -85,6 +85,32 @@ def test_outputs_lse_and_gradients_equal_single_device(mesh_shape, names, axes, 
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_zigzag_layout_equals_single_device():
+  # Inputs in zig-zag order: device d holds chunks d and 15 - d of 16. The loss is a sum over
+  # positions, so its gradients need only be put back in natural order to compare.
+  mesh = jax.make_mesh((8,), ("seq",))
+  q, k, v = qkv((2,), 48, 48, 4, 2)
+  order = jattn.zigzag_order(48, 8)
+  natural = np.argsort(order)
+  options = {"is_causal": True, "key_value_seq_lengths": jnp.array([48, 29])}
+
+  def ring(q, k, v):
+    return jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", layout="zigzag", **options)
+
+  def single(q, k, v):
+    return jattn.dot_product_attention(q, k, v, implementation="naive", **options)
+
+  zq, zk, zv = (a[:, order] for a in (q, k, v))
+  out = np.asarray(jax.jit(ring)(zq, zk, zv))[:, natural]
+  np.testing.assert_allclose(out, single(q, k, v), atol=1e-5, rtol=1e-5)
+  grads = jax.jit(jax.grad(loss(ring), argnums=(0, 1, 2)))(zq, zk, zv)
+  expected = jax.grad(loss(single), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(grads, expected, strict=True):
+    np.testing.assert_allclose(np.asarray(got)[:, natural], want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="multiples of 2 \\* 8"):
+    jattn.ring_attention(q[:, :40], k, v, mesh=mesh, axis_name="seq", layout="zigzag")
+
+
 def test_output_stays_sharded_over_the_sequence():
   mesh = jax.make_mesh((8,), ("seq",))
   q, k, v = qkv((1,), 64, 64, 2, 2)
