@@ -111,12 +111,9 @@ def _visible(cfg: Config, i, j, lengths) -> Array:
   q_first = i * cfg.bq + cfg.offset + lengths.get("offset", 0)
   q_last = q_first + cfg.bq - 1
   kv_first, kv_last = j * cfg.bk, j * cfg.bk + cfg.bk - 1
-  visible = jnp.asarray(True)
-  if cfg.is_causal:
-    visible &= kv_first <= q_last
-  if cfg.window is not None:
-    left, right = cfg.window
-    visible &= (kv_first <= q_last + right) & (kv_last >= q_first - left)
+  visible = _masks.ranges_visible(
+    q_first, q_last, kv_first, kv_last, is_causal=cfg.is_causal, window=cfg.window
+  )
   if "kv" in lengths:
     visible &= kv_first < lengths["kv"]
   if "q" in lengths:

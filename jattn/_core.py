@@ -407,17 +407,14 @@ def dot_product_attention(
         f"ring attention does not support {given}: (T, S)-sized masks, biases and weights are "
         "what sequence parallelism avoids; use lengths, is_causal and local_window_size."
       )
+    unused = ("bias", "mask", "dropout_rate", "dropout_rng", "deterministic")  # checked above
+    ring_options = {n: x for n, x in options.items() if n not in unused}
     return _ring.ring_attention(
       query,
       key,
       value,
       **implementation._asdict(),
-      scale=scale,
-      is_causal=is_causal,
-      local_window_size=local_window_size,
-      query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths,
-      alignment=alignment,
+      **ring_options,
       block_q=block_q,
       block_kv=block_kv,
       return_lse=return_lse,

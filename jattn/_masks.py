@@ -102,6 +102,24 @@ def position_mask(
   return mask
 
 
+def ranges_visible(
+  q_first, q_last, kv_first, kv_last, *, is_causal: bool, window: tuple[int, int] | None
+) -> jax.Array:
+  """Whether queries at positions ``[q_first, q_last]`` may attend any key in
+  ``[kv_first, kv_last]`` under the causal/window rules of :func:`position_mask`.
+
+  The blockwise path asks it per tile and the ring path per device block, to skip
+  work that is hidden entirely. Positions may be traced.
+  """
+  visible = jnp.asarray(True)
+  if is_causal:
+    visible &= kv_first <= q_last
+  if window is not None:
+    left, right = window
+    visible &= (kv_first <= q_last + right) & (kv_last >= q_first - left)
+  return visible
+
+
 def causal_mask(q_len: int, kv_len: int | None = None, *, alignment: Alignment = "bottom_right"):
   """A causal mask: each query attends only keys at or before its own position.
 

@@ -106,14 +106,15 @@ def _ring_fn(cfg: dict[str, Any]):
       for kv_start, kv_at, kv_size in _chunks(layout, src, size, Sl):
         kv_local = None if kv_len is None else jnp.clip(kv_len - kv_start, 0, kv_size)
         q_local = None if q_len is None else jnp.clip(q_len - q_start, 0, q_size)
-        q_first, q_last = q_start + offset, q_start + offset + q_size - 1
-        kv_first, kv_last = kv_start, kv_start + kv_size - 1
-        visible = jnp.asarray(True)
-        if cfg["is_causal"]:
-          visible &= kv_first <= q_last
-        if cfg["window"] is not None:
-          left, right = cfg["window"]
-          visible &= (kv_first <= q_last + right) & (kv_last >= q_first - left)
+        q_first, kv_first = q_start + offset, kv_start
+        visible = _masks.ranges_visible(
+          q_first,
+          q_first + q_size - 1,
+          kv_first,
+          kv_first + kv_size - 1,
+          is_causal=cfg["is_causal"],
+          window=cfg["window"],
+        )
         if kv_local is not None:
           visible &= jnp.any(kv_local > 0)
         attend = functools.partial(
