@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jattn import _core, _params
+from jattn import _dot_product, _naive, _params, _spec
 
 Array = jax.Array
 
@@ -23,10 +23,8 @@ def attention(params: Any, x_q: Array, x_kv: Array, **options: Any) -> Array | t
     params: a pytree from :func:`jattn.init` (or Flax ``MultiHeadDotProductAttention``).
     x_q: ``(..., T, F)`` query inputs.
     x_kv: ``(..., S, Fkv)`` key/value inputs, with the same leading dimensions.
-    **options: keyword options of :func:`jattn.dot_product_attention` (``mask``,
-      ``bias``, ``scale``, ``is_causal``, ``local_window_size``,
-      ``query_seq_lengths``, ``key_value_seq_lengths``, ``alignment``,
-      ``implementation``, ``block_q``, ``block_kv``, ``return_weights``, ``return_lse``).
+    **options: the keyword options of :func:`jattn.dot_product_attention`
+      (masks, mods, lengths, ``implementation``, dropout, ``return_weights``, ...).
 
   Returns:
     ``(..., T, O)`` with an ``"out"`` projection, else the heads concatenated,
@@ -43,7 +41,7 @@ def attention(params: Any, x_q: Array, x_kv: Array, **options: Any) -> Array | t
   """
   proj = _params.Projections(params)
   q, k, v = _params.project_qkv(proj, x_q, x_kv)
-  result = _core.dot_product_attention(q, k, v, **options)
+  result = _dot_product.dot_product_attention(q, k, v, **options)
   if isinstance(result, tuple):  # (heads, weights and/or lse)
     return _params.project_out(proj, result[0]), *result[1:]
   return _params.project_out(proj, result)
@@ -104,13 +102,14 @@ def explain(params: Any, x: Array, **options: Any) -> dict[str, Array | None]:
     >>> steps["scores"][0]
     Array([2., 4., 4.], dtype=float32)
   """
-  for name in ("return_weights", "return_lse", "implementation"):
-    if name in options:
-      raise TypeError(f"explain always computes every step naively; drop {name}.")
+  excluded = ("return_weights", "return_lse", "implementation", "block_q", "block_kv")
+  opts = _spec.options(
+    "explain (which always computes every step naively)", options, exclude=excluded
+  )
   x = jnp.asarray(x)
   proj = _params.Projections(params)
   q, k, v = _params.project_qkv(proj, x, x)
-  steps = _core.attention_steps(q, k, v, **options)
+  steps = _naive.run(_spec.describe(q, k, v, opts))
   group = proj.num_heads // k.shape[-2]
   v_per_head = jnp.repeat(v, group, axis=-2)  # (..., S, N, D)
   weighted_values = jnp.einsum(

@@ -153,12 +153,17 @@ def run_case(impl, shape, mode, repeats, timeout, memory_limit_gb) -> dict:
     mode,
     str(repeats),
   ]
+  return run_worker(command, base, timeout)
+
+
+def run_worker(command: list[str], base: dict, timeout: float) -> dict:
+  """Runs one benchmark worker process; its last stdout line is its JSON result."""
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
     return {**base, "skipped": f"over {timeout} s"}
   if done.returncode != 0:
-    reason = (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
+    reason = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
     return {**base, "skipped": f"failed: {reason}"}
   return json.loads(done.stdout.strip().splitlines()[-1])
 

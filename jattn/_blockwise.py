@@ -29,6 +29,14 @@ into ``nk`` blocks of ``bk``::
 Three nested loops (head groups, query blocks, key blocks) slice every array as
 a scan input, so the transposed loops accumulate cotangents without scatters.
 
+Each (query tile, key tile) pair is HIDDEN, PARTIAL or FULL under the call's mask
+(:func:`jattn._masks.tile_state`: positions, lengths, a boolean mask's tiles, a
+:class:`jattn.BlockMask`): hidden tiles cost a branch, full tiles skip the
+per-element mask, partial ones evaluate it (:func:`jattn._masks.visible`).
+A ``score_mod`` is applied to every visible tile's scores; its tangent (and so
+its gradient, including with respect to the arrays it closes over) is
+``jax.jvp`` of the mod inside the same linear tangent sweep.
+
 References:
   Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory", arXiv:2112.05682.
   Dao, "FlashAttention-2", arXiv:2307.08691.
@@ -44,8 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks as _core
 from jattn import _dropout, _masks
+from jattn._masks import FULL, HIDDEN, PARTIAL, BlockMask
+from jattn._spec import Call, Dims, Mod, apply_mod, check_mod, compute_dtype
 
 Array = jax.Array
 
@@ -56,133 +65,210 @@ _BIG = float(np.finfo(np.float32).max) / 4
 class Config(NamedTuple):
   """Static (hashable) description of one blockwise problem."""
 
-  T: int  # true query length
-  S: int  # true key length
+  T: int  # true query and key lengths of the arrays held
+  S: int
   bq: int
   bk: int
   nq: int
   nk: int
-  offset: int  # position of query 0 among the keys (alignment)
-  is_causal: bool
-  window: tuple[int, int] | None
-  scale: float | None  # None: the queries were scaled beforehand (traced scale)
-  skip: bool  # skip blocks that the position/length masks hide entirely
+  G: int  # query heads per key/value head
+  K: int
+  mask: _masks.Mask  # its array fields replaced by None: they travel as arguments
+  masked: bool  # whether any element rule applies (else every tile is FULL)
+  scale: float | None  # None: the queries were scaled beforehand
+  score_mod: Mod | None  # without its arrays (they travel in Mods)
+  mask_mod: Mod | None
+  mod_mapped: bool  # whether a block mask gives the mask_mod's tile states
   dropout_rate: float = 0.0  # 0: no dropout
   dropout_impl: Any = None  # the PRNG implementation of the dropout keys
 
 
-def _keep(cfg: Config, j, q_i) -> Array | None:
-  """Dropout keep bits of tile (., j): ``(G, bq, bk)`` bool, or None without dropout."""
-  if not cfg.dropout_rate:
-    return None
-  rows = jax.random.wrap_key_data(q_i["rows"], impl=cfg.dropout_impl)  # (G, bq)
-  return _dropout.keep_mask(rows, j * cfg.bk + jnp.arange(cfg.bk), cfg.dropout_rate)
+class Heads(NamedTuple):
+  """Per head group (leading ``BK``): keys and values, their tangents, lengths, indices."""
+
+  k: Array  # (BK, nk, bk, H)
+  v: Array  # (BK, nk, bk, D)
+  b: Array  # (BK,) global batch index
+  h0: Array  # (BK,) global index of the group's first query head
+  q0: Array  # (BK,) global index of query 0
+  kv0: Array  # (BK,) global index of key 0
+  q_len: Array | None = None  # (BK,) valid queries (global index bound)
+  kv_len: Array | None = None  # (BK,) valid keys, padding included
+  dk: Array | None = None
+  dv: Array | None = None
+
+
+class QTile(NamedTuple):
+  """Per (head group, query tile) (leading ``BK, nq``)."""
+
+  q: Array  # (G, bq, H)
+  dq: Array | None = None
+  o: Array | None = None
+  lse: Array | None = None
+  rows: Array | None = None  # dropout row keys (G, bq, W)
+
+
+class Aux(NamedTuple):
+  """Broadcastable per-tile data ``(BK', nq', nk', ...)``: each ' dim 1 or full."""
+
+  mask: Array | None = None  # (..., G', bq', bk') bool
+  bias: Array | None = None  # (..., G', bq', bk')
+  dbias: Array | None = None
+  state: Array | None = None  # (BK', nq', nk') tile states of the mask and block mask
+
+
+class Mods(NamedTuple):
+  """The arrays the mods close over (differentiable for ``score_mod``)."""
+
+  score: tuple[Array, ...] = ()
+  mask: tuple[Array, ...] = ()
+
+
+def _split(aux: Aux) -> tuple[Aux, Aux]:
+  """Leading axis > 1: scanned over; == 1: broadcast (taken once, outside the loop)."""
+  fields = aux._asdict()
+  xs = {n: a if a is not None and a.shape[0] > 1 else None for n, a in fields.items()}
+  const = {n: a[0] if a is not None and a.shape[0] == 1 else None for n, a in fields.items()}
+  return Aux(**xs), Aux(**const)
+
+
+def _merge(a: Aux, b: Aux) -> Aux:
+  return Aux(*(x if x is not None else y for x, y in zip(a, b, strict=True)))
 
 
 # --- the pieces every tile uses -------------------------------------------------------------
 
 
+class Tile(NamedTuple):
+  """The global indices of one tile, shaped to broadcast against its ``(G, bq, bk)`` scores."""
+
+  b: Array  # (1, 1, 1)
+  h: Array  # (G, 1, 1)
+  q: Array  # (1, bq, 1)
+  kv: Array  # (1, 1, bk)
+
+
+def _tile(cfg: Config, heads: Heads, i, j) -> Tile:
+  i, j = jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
+  q = heads.q0 + i * cfg.bq + jnp.arange(cfg.bq, dtype=jnp.int32)
+  kv = heads.kv0 + j * cfg.bk + jnp.arange(cfg.bk, dtype=jnp.int32)
+  return Tile(
+    jnp.reshape(heads.b, (1, 1, 1)),
+    (heads.h0 + jnp.arange(cfg.G, dtype=jnp.int32)).reshape(cfg.G, 1, 1),
+    q.reshape(1, cfg.bq, 1),
+    kv.reshape(1, 1, cfg.bk),
+  )
+
+
+def _for_mods(cfg: Config, t: Tile) -> tuple[Array, ...]:
+  """Indices as the mods see them: padded rows and columns clamped into the problem."""
+  return t.b, t.h, jnp.minimum(t.q, cfg.mask.T - 1), jnp.minimum(t.kv, cfg.mask.S - 1)
+
+
+def _state(cfg: Config, heads: Heads, i, j, aux: Aux) -> Array:
+  """HIDDEN, PARTIAL or FULL for tile (i, j) of this head group."""
+  q_first = heads.q0 + i * cfg.bq
+  kv_first = heads.kv0 + j * cfg.bk
+  more = ()
+  if aux.state is not None:
+    more = ((aux.state != HIDDEN, aux.state == FULL),)
+  if cfg.mask_mod is not None and not cfg.mod_mapped:
+    more = (*more, (True, False))  # a mask_mod without its tile map: any tile may be partial
+  return _masks.tile_state(
+    cfg.mask,
+    q_first,
+    jnp.minimum(q_first + cfg.bq - 1, heads.q0 + cfg.T - 1),
+    kv_first,
+    kv_first + cfg.bk - 1,
+    q_len=heads.q_len,
+    kv_len=heads.kv_len,
+    more=more,
+  )
+
+
+def _valid(cfg: Config, heads: Heads, t: Tile, aux: Aux, mods: Mods, shape) -> Array:
+  """Which (query, key) pairs of a PARTIAL tile may attend: ``(G, bq, bk)`` bool."""
+  valid = _masks.visible(
+    cfg.mask, t.b, t.h, t.q, t.kv, q_len=heads.q_len, kv_len=heads.kv_len, dense=aux.mask
+  )
+  if cfg.mask_mod is not None:
+    by_mod = apply_mod(cfg.mask_mod._replace(consts=mods.mask), *_for_mods(cfg, t))
+    valid = by_mod if valid is None else valid & by_mod
+  return jnp.ones(shape, bool) if valid is None else jnp.broadcast_to(valid, shape)
+
+
 def _scores(cfg: Config, qi: Array, kj: Array) -> Array:
   """``(G, bq, H) x (bk, H) -> (G, bq, bk)`` in float32 at least."""
-  s = jnp.einsum("gqh,kh->gqk", qi, kj, preferred_element_type=_core.compute_dtype(qi.dtype))
+  s = jnp.einsum("gqh,kh->gqk", qi, kj, preferred_element_type=compute_dtype(qi.dtype))
   return s if cfg.scale is None else s * cfg.scale
 
 
-def _valid(cfg: Config, i, j, lengths, aux, shape) -> Array | None:
-  """Which (query, key) pairs of tile (i, j) may attend: ``(G, bq, bk)`` bool, or None."""
-  q_pos = i * cfg.bq + jnp.arange(cfg.bq)
-  kv_pos = j * cfg.bk + jnp.arange(cfg.bk)
-  offset = cfg.offset + lengths.get("offset", 0)
-  masks = [_masks.position_mask(q_pos + offset, kv_pos, is_causal=cfg.is_causal, window=cfg.window)]
-  kv_limit = lengths.get("kv")
-  if kv_limit is not None or cfg.nk * cfg.bk != cfg.S:
-    kv_limit = cfg.S if kv_limit is None else jnp.minimum(kv_limit, cfg.S)
-    masks.append((kv_pos < kv_limit)[None, :])
-  if "q" in lengths:
-    masks.append((q_pos < lengths["q"])[:, None])
-  if "mask" in aux:
-    masks.append(aux["mask"])
-  valid = _masks.combine_masks(*masks)
-  return None if valid is None else jnp.broadcast_to(valid, shape)
+def _score_fn(cfg: Config, t: Tile, mods: Mods, bias):
+  """``s -> mod(s + bias)``: the scores of a tile from ``q . k`` (and the mod's arrays)."""
+
+  def fn(s, score_consts):
+    if bias is not None:
+      s = s + jnp.broadcast_to(bias, s.shape).astype(s.dtype)
+    if cfg.score_mod is not None:
+      s = apply_mod(cfg.score_mod._replace(consts=score_consts), s, *_for_mods(cfg, t)).astype(
+        s.dtype
+      )
+    return s
+
+  return fn
 
 
-def _visible(cfg: Config, i, j, lengths) -> Array:
-  """Whether tile (i, j) holds any pair the position and length masks allow."""
-  q_first = i * cfg.bq + cfg.offset + lengths.get("offset", 0)
-  q_last = q_first + cfg.bq - 1
-  kv_first, kv_last = j * cfg.bk, j * cfg.bk + cfg.bk - 1
-  visible = _masks.ranges_visible(
-    q_first, q_last, kv_first, kv_last, is_causal=cfg.is_causal, window=cfg.window
-  )
-  if "kv" in lengths:
-    visible &= kv_first < lengths["kv"]
-  if "q" in lengths:
-    visible &= i * cfg.bq < lengths["q"]
-  return visible
+def _keep(cfg: Config, j, q_tile: QTile) -> Array | None:
+  """Dropout keep bits of tile (., j): ``(G, bq, bk)`` bool, or None without dropout."""
+  if not cfg.dropout_rate:
+    return None
+  rows = jax.random.wrap_key_data(q_tile.rows, impl=cfg.dropout_impl)  # (G, bq)
+  return _dropout.keep_mask(rows, j * cfg.bk + jnp.arange(cfg.bk), cfg.dropout_rate)
 
 
-def _maybe_skip(cfg: Config, visible_fn, step):
-  """Wraps a scan step so that hidden tiles cost a branch, not a tile."""
-  if not cfg.skip:
-    return step
-
-  def skipping(carry, xs):
-    return jax.lax.cond(visible_fn(xs), lambda: step(carry, xs)[0], lambda: carry), None
-
-  return skipping
-
-
-def _split(aux: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
-  """Leading axis > 1: scanned over; == 1: broadcast (taken once, outside the loop)."""
-  xs = {n: a for n, a in aux.items() if a.shape[0] > 1}
-  const = {n: a[0] for n, a in aux.items() if a.shape[0] == 1}
-  return xs, const
-
-
-def _sweep(tile_fn, q_side: dict, head_side: dict, aux: dict) -> Any:
-  """Runs ``tile_fn(i, q_block, kv_blocks, lengths, aux)`` over head groups and query blocks.
-
-  ``q_side`` arrays lead with ``(BK, nq)``, ``head_side`` arrays with ``(BK,)``
-  (keys, values, lengths); ``aux`` are the broadcastable mask and bias.
-  """
+def _sweep(tile_fn, q_side: QTile, heads: Heads, aux: Aux, mods: Mods) -> Any:
+  """Runs ``tile_fn(i, q_tile, heads, aux)`` over head groups and query tiles."""
   aux_head, aux_const = _split(aux)
 
   def per_head(args):
-    q_h, kv_h, aux_h = args
-    aux_q, aux_hc = _split({**aux_h, **{n: a for n, a in aux_const.items()}})
-    nq = jax.tree.leaves(q_h)[0].shape[0]
+    q_h, heads_h, aux_h = args
+    aux_q, aux_hc = _split(_merge(aux_h, aux_const))
 
     def per_q_block(args):
       i, q_i, aux_i = args
-      return tile_fn(i, q_i, kv_h, {**aux_hc, **aux_i})
+      return tile_fn(i, q_i, heads_h, _merge(aux_i, aux_hc), mods)
 
-    return jax.lax.map(per_q_block, (jnp.arange(nq), q_h, aux_q))
+    return jax.lax.map(per_q_block, (jnp.arange(q_h.q.shape[0]), q_h, aux_q))
 
-  return jax.lax.map(per_head, (q_side, head_side, aux_head))
+  return jax.lax.map(per_head, (q_side, heads, aux_head))
 
 
-def _kv_scan(cfg, i, kv_h, aux, step, init, remat=False):
-  """Scans ``step`` over the key/value blocks of one head group.
+def _kv_scan(cfg: Config, i, heads: Heads, aux: Aux, step, init, remat=False):
+  """Scans ``step(carry, j, k, v, dk, dv, aux, masked)`` over the key tiles of one head group.
 
-  With ``remat``, the whole step, block skipping included, is recomputed in the
+  Hidden tiles keep the carry; full tiles run ``step`` without the element mask.
+  With ``remat``, the whole step, tile skipping included, is recomputed in the
   transposed (reverse-mode) sweep, so its only residuals are its inputs: slices
   of the keys and values that the scan forwards without copying. (A checkpoint
-  inside the skipping ``cond`` would make the cond save per-tile copies of the
-  key and value blocks: O(T * S / block_q) memory.)
+  inside the branches would make them save per-tile copies of the key and value
+  blocks: O(T * S / block_q) memory.)
   """
-  lengths = {n: kv_h[n] for n in ("q", "kv", "offset") if n in kv_h}
-  blocks = {n: kv_h[n] for n in ("k", "v", "dk", "dv") if n in kv_h}
   aux_kv, aux_c = _split(aux)
+  blocks = (heads.k, heads.v, heads.dk, heads.dv)
   xs = (jnp.arange(cfg.nk), blocks, aux_kv)
-
-  def visible(xs):
-    return _visible(cfg, i, xs[0], lengths)
 
   def body(carry, xs):
     j, blk, aux_j = xs
-    return step(carry, j, blk, lengths, {**aux_c, **aux_j}), None
+    aux_j = _merge(aux_j, aux_c)
+    if not cfg.masked:
+      return step(carry, j, *blk, aux_j, False), None
+    branches = (
+      lambda: carry,  # HIDDEN
+      lambda: step(carry, j, *blk, aux_j, True),  # PARTIAL
+      lambda: step(carry, j, *blk, aux_j, False),  # FULL
+    )
+    return jax.lax.switch(_state(cfg, heads, i, j, aux_j), branches), None
 
-  body = _maybe_skip(cfg, visible, body)
   if remat:
     body = jax.checkpoint(body)
   carry, _ = jax.lax.scan(body, init, xs)
@@ -192,31 +278,28 @@ def _kv_scan(cfg, i, kv_h, aux, step, init, remat=False):
 # --- forward: the online softmax ------------------------------------------------------------
 
 
-def _forward_tile(cfg: Config, i, q_i, kv_h, aux, want_entropy: bool):
-  G, bq = q_i["q"].shape[:2]
-  D = kv_h["v"].shape[-1]
-  f32 = _core.compute_dtype(q_i["q"].dtype)
+def _forward_tile(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, mods: Mods, stats: bool):
+  q = q_tile.q
+  G, bq = q.shape[:2]
+  D = heads.v.shape[-1]
+  f32 = compute_dtype(q.dtype)
 
-  def step(carry, j, blk, lengths, aux_j):
+  def step(carry, j, k, v, _dk, _dv, aux_j, masked):
     m, l, acc, (ps, mx) = carry
-    s = _scores(cfg, q_i["q"], blk["k"])
-    if "bias" in aux_j:
-      s = s + jnp.broadcast_to(aux_j["bias"], s.shape).astype(f32)
-    valid = _valid(cfg, i, j, lengths, aux_j, s.shape)
-    if valid is not None:
-      s = jnp.where(valid, s, -jnp.inf)
+    t = _tile(cfg, heads, i, j)
+    s = _score_fn(cfg, t, mods, aux_j.bias)(_scores(cfg, q, k), mods.score)
+    if masked:
+      s = jnp.where(_valid(cfg, heads, t, aux_j, mods, s.shape), s, -jnp.inf)
     m_new = jnp.maximum(m, jax.lax.stop_gradient(jnp.max(s, axis=-1)))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m - m_safe)
     l = l * correction + jnp.sum(p, axis=-1)
-    keep = _keep(cfg, j, q_i)
+    keep = _keep(cfg, j, q_tile)
     p_out = p if keep is None else jnp.where(keep, p / (1.0 - cfg.dropout_rate), 0.0)
-    pv = jnp.einsum(
-      "gqk,kd->gqd", p_out.astype(blk["v"].dtype), blk["v"], preferred_element_type=f32
-    )
+    pv = jnp.einsum("gqk,kd->gqd", p_out.astype(v.dtype), v, preferred_element_type=f32)
     acc = acc * correction[..., None] + pv
-    if want_entropy:  # running sum of p * s, for the entropy lse - E_p[s]
+    if stats:  # running sum of p * s, for the entropy lse - E_p[s]
       ps = ps * correction + jnp.sum(jnp.where(p > 0, p * s, 0.0), axis=-1)
       # The largest score again, differentiable this time (m is not): max_weight's
       # gradient needs d(max s).
@@ -229,97 +312,97 @@ def _forward_tile(cfg: Config, i, q_i, kv_h, aux, want_entropy: bool):
     jnp.zeros((G, bq, D), f32),
     (jnp.zeros((G, bq), f32), jnp.full((G, bq), -jnp.inf, f32)),
   )
-  m, l, acc, (ps, mx) = _kv_scan(cfg, i, kv_h, aux, step, init)
+  m, l, acc, (ps, mx) = _kv_scan(cfg, i, heads, aux, step, init)
   attended = l > 0
   l_safe = jnp.where(attended, l, 1.0)
   out = jnp.where(attended[..., None], acc / l_safe[..., None], 0.0)
   lse = jnp.where(attended, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_safe), _BIG)
-  stats = {}
-  if want_entropy:
-    stats = {
+  extra = {}
+  if stats:
+    extra = {
       "entropy": jnp.where(attended, lse - ps / l_safe, 0.0),
       "max_weight": jnp.where(attended, jnp.exp(jnp.where(attended, mx - lse, 0.0)), 0.0),
     }
-  return out.astype(q_i["q"].dtype), lse, stats
+  return out.astype(q.dtype), lse, extra
 
 
-def _forward(cfg, q, k, v, lengths, aux, drop, want_entropy=False):
-  head_side = {"k": k, "v": v, **lengths}
+def _forward(cfg, q_side: QTile, heads: Heads, aux: Aux, mods: Mods, stats=False):
   return _sweep(
-    lambda i, q_i, kv_h, aux_i: _forward_tile(cfg, i, q_i, kv_h, aux_i, want_entropy),
-    {"q": q, **drop},
-    head_side,
+    lambda i, q_i, heads_h, aux_i, mods: _forward_tile(cfg, i, q_i, heads_h, aux_i, mods, stats),
+    q_side,
+    heads,
     aux,
+    mods,
   )
 
 
-# --- tangents: one more blockwise sweep, linear in (dq, dk, dv, dbias) ----------------------
+# --- tangents: one more blockwise sweep, linear in (dq, dk, dv, dbias, d mod arrays) --------
 
 
-def _tangent_tile(cfg: Config, i, q_i, kv_h, aux):
-  q, dq, o, lse = q_i["q"], q_i["dq"], q_i["o"], q_i["lse"]
-  f32 = _core.compute_dtype(q.dtype)
+def _tangent_tile(cfg: Config, d_score: tuple, i, q_tile: QTile, heads: Heads, aux: Aux, mods):
+  q, dq, o, lse = q_tile.q, q_tile.dq, q_tile.o, q_tile.lse
+  f32 = compute_dtype(q.dtype)
 
-  def step(carry, j, blk, lengths, aux_j):
+  def step(carry, j, k, v, dk, dv, aux_j, masked):
     acc, c = carry
-    s = _scores(cfg, q, blk["k"])
-    if "bias" in aux_j:
-      s = s + jnp.broadcast_to(aux_j["bias"], s.shape).astype(f32)
+    t = _tile(cfg, heads, i, j)
+    raw = _scores(cfg, q, k)
+    d_raw = _scores(cfg, dq, k) + _scores(cfg, q, dk)
+    if aux_j.dbias is not None:
+      d_raw = d_raw + jnp.broadcast_to(aux_j.dbias, d_raw.shape).astype(f32)
+    s, ds = jax.jvp(_score_fn(cfg, t, mods, aux_j.bias), (raw, mods.score), (d_raw, d_score))
     p = jnp.exp(s - lse[..., None])
-    valid = _valid(cfg, i, j, lengths, aux_j, s.shape)
-    if valid is not None:
-      p = jnp.where(valid, p, 0.0)
-    ds = _scores(cfg, dq, blk["k"]) + _scores(cfg, q, blk["dk"])
-    if "dbias" in aux_j:
-      ds = ds + jnp.broadcast_to(aux_j["dbias"], ds.shape).astype(f32)
+    if masked:
+      p = jnp.where(_valid(cfg, heads, t, aux_j, mods, s.shape), p, 0.0)
     pds = p * ds
     c = c + jnp.sum(pds, axis=-1)  # the log-sum-exp tangent: dropout does not enter it
-    keep = _keep(cfg, j, q_i)
+    keep = _keep(cfg, j, q_tile)
     if keep is not None:
       p = jnp.where(keep, p / (1.0 - cfg.dropout_rate), 0.0)
       pds = p * ds
-    acc = acc + jnp.einsum("gqk,kd->gqd", pds, blk["v"].astype(f32))
-    acc = acc + jnp.einsum("gqk,kd->gqd", p, blk["dv"].astype(f32))
+    acc = acc + jnp.einsum("gqk,kd->gqd", pds, v.astype(f32))
+    acc = acc + jnp.einsum("gqk,kd->gqd", p, dv.astype(f32))
     return acc, c
 
   G, bq = q.shape[:2]
-  D = kv_h["v"].shape[-1]
+  D = heads.v.shape[-1]
   init = (jnp.zeros((G, bq, D), f32), jnp.zeros((G, bq), f32))
   # Rematerialised: reverse mode recomputes P from the saved log-sum-exp.
-  acc, c = _kv_scan(cfg, i, kv_h, aux, step, init, remat=True)
+  acc, c = _kv_scan(cfg, i, heads, aux, step, init, remat=True)
   do = acc - c[..., None] * o.astype(f32)
   return do.astype(q.dtype), c
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _flash(cfg: Config, q, k, v, lengths, aux, drop):
-  out, lse, _ = _forward(cfg, q, k, v, lengths, aux, drop)
+def _flash(cfg: Config, q_side: QTile, heads: Heads, aux: Aux, mods: Mods):
+  out, lse, _ = _forward(cfg, q_side, heads, aux, mods)
   return out, lse
+
+
+def _float_tangent(x, dx):
+  """The tangent of a mod's captured array, as ``jax.jvp`` wants it (float0 for integers)."""
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return dx
+  return np.zeros(x.shape, jax.dtypes.float0)
 
 
 @_flash.defjvp
 def _flash_jvp(cfg: Config, primals, tangents):
-  q, k, v, lengths, aux, drop = primals
-  dq, dk, dv, _, daux, _ = tangents
-  out, lse = _flash(cfg, q, k, v, lengths, aux, drop)
-  tan_aux = {n: a for n, a in aux.items() if n != "bias"}
-  if "bias" in aux:
-    tan_aux["bias"] = aux["bias"]
-    tan_aux["dbias"] = daux["bias"]
-  head_side = {"k": k, "v": v, "dk": dk, "dv": dv, **lengths}
-  do, dlse = _sweep(
-    lambda i, q_i, kv_h, aux_i: _tangent_tile(cfg, i, q_i, kv_h, aux_i),
-    {"q": q, "dq": dq, "o": out, "lse": lse, **drop},
-    head_side,
-    tan_aux,
-  )
+  q_side, heads, aux, mods = primals
+  d_q_side, d_heads, d_aux, d_mods = tangents
+  out, lse = _flash(cfg, q_side, heads, aux, mods)
+  tan_aux = aux._replace(dbias=None if aux.bias is None else d_aux.bias)
+  tan_heads = heads._replace(dk=d_heads.k, dv=d_heads.v)
+  tan_q = q_side._replace(dq=d_q_side.q, o=out, lse=lse)
+  d_score = tuple(map(_float_tangent, mods.score, d_mods.score))
+  do, dlse = _sweep(functools.partial(_tangent_tile, cfg, d_score), tan_q, tan_heads, tan_aux, mods)
   return (out, lse), (do, dlse)
 
 
 # --- layout ---------------------------------------------------------------------------------
 
 
-def _tile_aux(x: Array, dims: _core._Dims, bq: int, bk: int, nq: int, nk: int) -> Array:
+def _tile_aux(x: Array, dims: Dims, bq: int, bk: int, nq: int, nk: int, fill=0) -> Array:
   """``(..., N', T', S')`` (broadcastable) to ``(BK', nq', nk', G', bq', bk')``."""
   batch, N, K = dims.batch, dims.N, dims.K
   G = N // K
@@ -338,123 +421,138 @@ def _tile_aux(x: Array, dims: _core._Dims, bq: int, bk: int, nq: int, nk: int) -
   BKx, Gx = x.shape[0] * x.shape[1], x.shape[2]
   x = x.reshape(BKx, Gx, t_, s_)
   if t_ != 1:
-    x = _pad_axis(x, 2, nq * bq).reshape(BKx, Gx, nq, bq, s_)
+    x = _pad_axis(x, 2, nq * bq, fill).reshape(BKx, Gx, nq, bq, s_)
   else:
     x = x.reshape(BKx, Gx, 1, 1, s_)
   if s_ != 1:
-    x = _pad_axis(x, 4, nk * bk).reshape((*x.shape[:4], nk, bk))
+    x = _pad_axis(x, 4, nk * bk, fill).reshape((*x.shape[:4], nk, bk))
   else:
     x = x.reshape((*x.shape[:4], 1, 1))
   # (BK', G', nq', bq', nk', bk') -> (BK', nq', nk', G', bq', bk')
   return x.transpose(0, 2, 4, 1, 3, 5)
 
 
-def _pad_axis(x: Array, axis: int, size: int) -> Array:
+def _block_states(bm: BlockMask, dims: Dims) -> Array:
+  """A block mask's ``(B', N', nq, nk)`` tiles to ``(BK', nq, nk)`` head-group states."""
+  tiles = bm.tiles
+  B, K, G = math.prod(dims.batch), dims.K, dims.N // dims.K
+  Bx, Nx = tiles.shape[:2]
+  if Nx == 1:
+    grouped = tiles[:, None]  # (Bx, 1, 1, nq, nk)
+  else:
+    grouped = tiles.reshape(Bx, K, G, *tiles.shape[2:])
+  any_ = jnp.any(grouped != HIDDEN, axis=2)
+  all_ = jnp.all(grouped == FULL, axis=2)
+  state = jnp.where(any_, jnp.where(all_, FULL, PARTIAL), HIDDEN).astype(jnp.int8)
+  if Bx > 1 or Nx > 1:
+    state = jnp.broadcast_to(state, (B, K, *state.shape[2:]))
+  return state.reshape(-1, *state.shape[2:])
+
+
+def _pad_axis(x: Array, axis: int, size: int, fill=0) -> Array:
   pad = size - x.shape[axis]
   if pad == 0:
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
+  return jnp.pad(x, widths, constant_values=fill)
 
 
 # Default tiles: all keys in one block up to this length, and about this many
 # scores per tile (8 MB in float32). Measured on CPU (benchmarks/README.md): one key
 # block beats several by ~40% in reverse mode, and small query blocks keep a tile
-# in cache.
+# in cache. A mask that can hide whole tiles takes key tiles of STRUCTURED_BLOCK_KV:
+# the skipped work then pays for the extra rescaling.
 MAX_BLOCK_KV = 32768
+STRUCTURED_BLOCK_KV = 1024
 TILE_SCORES = 1 << 21
 
 
-def default_blocks(T: int, S: int) -> tuple[int, int]:
+def default_blocks(T: int, S: int, structured: bool = False) -> tuple[int, int]:
   """``(block_q, block_kv)`` for ``T`` queries and ``S`` keys."""
-  bk = min(S, MAX_BLOCK_KV)
+  bk = min(S, STRUCTURED_BLOCK_KV if structured else MAX_BLOCK_KV)
   bq = max(16, min(256, TILE_SCORES // bk))
   return min(T, bq), bk
 
 
-def blockwise_attention(
-  query: Array,
-  key: Array,
-  value: Array,
-  *,
-  bias: Array | None = None,
-  mask: Array | None = None,
-  scale: float | None = None,
-  is_causal: bool = False,
-  local_window_size: int | tuple[int, int] | None = None,
-  query_seq_lengths: Array | None = None,
-  key_value_seq_lengths: Array | None = None,
-  alignment: _masks.Alignment = "bottom_right",
-  block_q: int | None = None,
-  block_kv: int | None = None,
-  dropout_rate: float = 0.0,
-  dropout_rng: Array | None = None,
-  deterministic: bool = False,
-  return_lse: bool = False,
-  return_stats: bool = False,
-  position_offset: Array | None = None,
-):
-  """Blockwise attention; arguments and results as :func:`jattn.dot_product_attention`.
-
-  ``position_offset`` (a scalar int, may be traced) is added to every query's
-  position for the causal and window masks, on top of ``alignment``: the ring
-  path uses it to place a device's queries against another device's keys.
-  """
-  query, key, value, dims = _core.check_qkv(query, key, value)
-  if not isinstance(is_causal, bool):
-    raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}.")
-  window = _masks.normalize_window(local_window_size)
-  offset = _masks.query_offset(dims.T, dims.S, alignment)
-  target = dims.weights_shape
-  scale = _core.check_scale(scale, dims.H)
+def run(call: Call, want_stats: bool = False):
+  """Blockwise attention of a checked call: ``(out (..., T, N, D), lse (..., N, T))``,
+  and with ``want_stats`` also a dict of per-query statistics."""
+  query, key, value, dims, m = call.q, call.k, call.v, call.dims, call.mask
   batch, T, S, N, K, H, D = dims
   G, B = N // K, math.prod(batch)
-  d_bq, d_bk = default_blocks(T, S)
-  bq = d_bq if block_q is None else _masks._check_length("block_q", block_q)
-  bk = d_bk if block_kv is None else _masks._check_length("block_kv", block_kv)
-  bq, bk = min(bq, T), min(bk, S)
+  d_bq, d_bk = default_blocks(T, S, m.structured)
+  bq = min(call.block_q or d_bq, T)
+  bk = min(call.block_kv or d_bk, S)
   nq, nk = -(-T // bq), -(-S // bk)
 
-  lengths = {}
-  for name, value_, size in (("q", query_seq_lengths, T), ("kv", key_value_seq_lengths, S)):
-    checked = _core.check_lengths(
-      "query_seq_lengths" if name == "q" else "key_value_seq_lengths", value_, batch, size
-    )
-    if checked is not None:
-      lengths[name] = jnp.repeat(checked.reshape(B), K)  # one per head group
-  if position_offset is not None:
-    lengths["offset"] = jnp.broadcast_to(jnp.asarray(position_offset, jnp.int32), (B * K,))
-  aux = {}
-  if mask is not None:
-    aux["mask"] = _tile_aux(
-      _core.check_broadcast("mask", mask, target, boolean=True), dims, bq, bk, nq, nk
-    )
-  if bias is not None:
-    bias = _core.check_broadcast("bias", bias, target, boolean=False)
-    aux["bias"] = _tile_aux(bias, dims, bq, bk, nq, nk)
+  def per_group(x):  # (...) per batch element -> (BK,) per head group
+    return jnp.repeat(jnp.broadcast_to(jnp.asarray(x, jnp.int32), batch).reshape(B), K)
 
-  static_scale = None
-  concrete = isinstance(scale, (int, float, np.number)) or (
-    isinstance(scale, (np.ndarray, jax.Array)) and not isinstance(scale, jax.core.Tracer)
+  kv_len = m.kv_lengths
+  if kv_len is not None or nk * bk != S:  # padded keys are never visible
+    limit = jnp.asarray(m.kv_start, jnp.int32) + S
+    kv_len = limit if kv_len is None else jnp.minimum(kv_len, limit)
+  group = jnp.arange(B * K, dtype=jnp.int32)
+  heads_extra = dict(
+    b=group // K + jnp.asarray(m.b_start, jnp.int32),
+    h0=(group % K) * G + jnp.asarray(m.h_start, jnp.int32),
+    q0=per_group(m.q_start),
+    kv0=per_group(m.kv_start),
+    q_len=None if m.q_lengths is None else per_group(m.q_lengths),
+    kv_len=None if kv_len is None else per_group(kv_len),
   )
-  if concrete and query.dtype in (jnp.bfloat16, jnp.float16):
-    static_scale = float(scale)  # scale the float32 scores: no rounding of q * scale
+  aux = Aux()
+  states = []
+  if m.dense is not None:
+    tiled = _tile_aux(m.dense, dims, bq, bk, nq, nk, fill=True)
+    aux = aux._replace(mask=tiled)
+    any_, all_ = jnp.any(tiled, axis=(3, 4, 5)), jnp.all(tiled, axis=(3, 4, 5))
+    states.append(jnp.where(any_, jnp.where(all_, FULL, PARTIAL), HIDDEN).astype(jnp.int8))
+  if m.block_mask is not None:
+    states.append(_block_states(m.block_mask, dims))
+  if states:
+    aux = aux._replace(state=functools.reduce(jnp.minimum, states))
+  if call.bias is not None:
+    aux = aux._replace(bias=_tile_aux(call.bias, dims, bq, bk, nq, nk))
+
+  scale, static_scale = call.scale, None
+  if isinstance(scale, float) and query.dtype in (jnp.bfloat16, jnp.float16):
+    static_scale = scale  # scale the float32 scores: no rounding of q * scale
   else:
     # Fold the scale into the queries (O(T) work instead of a pass over every tile);
     # JAX differentiates the product for us, also for a traced scale.
     query = query * jnp.asarray(scale, query.dtype)
-  skip = is_causal or window is not None or bool(lengths)
-  dropout = _dropout.check_dropout(dropout_rate, dropout_rng, deterministic)
-  drop, rate, impl = {}, 0.0, None
-  if dropout is not None:
-    rate, impl = dropout.rate, jax.random.key_impl(dropout.rng)
-    rows = _dropout.row_keys(_dropout.head_keys(dropout.rng, batch, N), jnp.arange(nq * bq))
-    rows = jax.random.key_data(rows)  # (B, N, nq * bq, W)
-    W = rows.shape[-1]
-    rows = rows.reshape(B * K, G, nq, bq, W).transpose(0, 2, 1, 3, 4)
-    drop = {"rows": rows}  # (BK, nq, G, bq, W), laid out like the queries
-  cfg = Config(T, S, bq, bk, nq, nk, offset, is_causal, window, static_scale, skip, rate, impl)
+  rows, rate, impl = None, 0.0, None
+  if call.dropout is not None:
+    rate, impl = call.dropout.rate, jax.random.key_impl(call.dropout.rng)
+    keys = _dropout.row_keys(_dropout.head_keys(call.dropout.rng, batch, N), jnp.arange(nq * bq))
+    keys = jax.random.key_data(keys)  # (B, N, nq * bq, W)
+    W = keys.shape[-1]
+    rows = keys.reshape(B * K, G, nq, bq, W).transpose(0, 2, 1, 3, 4)  # like the queries
+  score_mod, mask_mod = call.score_mod, m.mask_mod
+  cfg = Config(
+    T=T,
+    S=S,
+    bq=bq,
+    bk=bk,
+    nq=nq,
+    nk=nk,
+    G=G,
+    K=K,
+    mask=_static(m),
+    masked=m.anything or nk * bk != S,
+    scale=static_scale,
+    score_mod=None if score_mod is None else score_mod._replace(consts=()),
+    mask_mod=None if mask_mod is None else mask_mod._replace(consts=()),
+    mod_mapped=m.block_mask is not None,
+    dropout_rate=rate,
+    dropout_impl=impl,
+  )
+  mods = Mods(
+    score=() if score_mod is None else score_mod.consts,
+    mask=() if mask_mod is None else mask_mod.consts,
+  )
 
   q = query.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
   q = _pad_axis(q, 3, nq * bq).reshape(B * K, G, nq, bq, H).transpose(0, 2, 1, 3, 4)
@@ -462,11 +560,13 @@ def blockwise_attention(
   k = _pad_axis(k, 2, nk * bk).reshape(B * K, nk, bk, H)
   v = value.reshape(B, S, K, D).transpose(0, 2, 1, 3)
   v = _pad_axis(v, 2, nk * bk).reshape(B * K, nk, bk, D)
+  q_side = QTile(q=q, rows=rows)
+  heads = Heads(k=k, v=v, **heads_extra)
 
-  if return_stats:
-    out, lse, stats = _forward(cfg, q, k, v, lengths, aux, drop, want_entropy=True)
+  if want_stats:
+    out, lse, stats = _forward(cfg, q_side, heads, aux, mods, stats=True)
   else:
-    out, lse = _flash(cfg, q, k, v, lengths, aux, drop)
+    out, lse = _flash(cfg, q_side, heads, aux, mods)
     stats = {}
 
   def untile(x, last):  # (BK, nq, G, bq, *last) -> (..., N, T, *last) heads-major
@@ -474,71 +574,103 @@ def blockwise_attention(
     return x[:, :, :T].reshape(*batch, N, T, *last)
 
   out = jnp.moveaxis(untile(out, (D,)), -3, -2)  # (..., T, N, D)
-  results = [out]
-  if return_lse or return_stats:
-    lse = untile(lse, ())
-    results.append(jnp.where(lse >= _BIG / 2, -jnp.inf, lse))
-  if return_stats:
-    results.append({n: untile(s, ()) for n, s in stats.items()})
-  return results[0] if len(results) == 1 else tuple(results)
+  lse = untile(lse, ())
+  lse = jnp.where(lse >= _BIG / 2, -jnp.inf, lse)
+  if want_stats:
+    return out, lse, {n: untile(s, ()) for n, s in stats.items()}
+  return out, lse
 
 
-def attention_stats(
-  query: Array,
-  key: Array,
+def _static(m: _masks.Mask) -> Any:
+  """The mask as a hashable config: arrays travel as arguments, traced starts in Heads."""
+  return m._replace(
+    q_lengths=None,
+    kv_lengths=None,
+    dense=None,
+    mask_mod=None,
+    block_mask=None,
+    q_start=0,
+    kv_start=0,
+    b_start=0,
+    h_start=0,
+  )
+
+
+def block_mask(
+  mask_mod: Any,
+  q_len: int,
+  kv_len: int | None = None,
   *,
-  bias: Array | None = None,
-  mask: Array | None = None,
-  scale: float | None = None,
-  is_causal: bool = False,
-  local_window_size: int | tuple[int, int] | None = None,
-  query_seq_lengths: Array | None = None,
-  key_value_seq_lengths: Array | None = None,
-  alignment: _masks.Alignment = "bottom_right",
+  batch_shape: tuple[int, ...] = (),
+  num_heads: int | None = None,
   block_q: int | None = None,
   block_kv: int | None = None,
-) -> dict[str, Array]:
-  """Per-query statistics of the attention weights, without the ``(T, S)`` map.
+) -> BlockMask:
+  """Evaluates ``mask_mod`` once, tile by tile, into a map of hidden/partial/full tiles.
 
-  One blockwise pass (O(T + S) memory) accumulates, per query, the log-sum-exp
-  of its scores, the entropy of its weights and its largest weight: what you
-  would read off the attention map, at lengths where the map cannot exist.
+  Pass the result as ``block_mask=`` with the same ``mask_mod`` to
+  :func:`jattn.dot_product_attention` (and the functions built on it): the
+  blockwise path then skips the hidden tiles and drops the per-element mask on
+  the full ones, so its work grows with the visible tiles. The ``(T, S)`` mask is
+  never held at once: one row of tiles at a time. Traced like the call itself, so
+  a ``mask_mod`` may close over arrays (document ids) under ``jit``; the map is a
+  pytree to reuse across layers and steps.
 
   Args:
-    query: ``(..., T, N, H)``.
-    key: ``(..., S, K, H)``.
-    bias, mask, scale, is_causal, local_window_size, query_seq_lengths,
-      key_value_seq_lengths, alignment, block_q, block_kv: as in
-      :func:`jattn.dot_product_attention`.
+    mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend).
+    q_len: ``T``, the number of queries.
+    kv_len: ``S``, the number of keys (default ``T``).
+    batch_shape: the leading batch dims ``...`` if the mask depends on ``b``
+      (default ``()``: evaluated at ``b = 0`` and shared by every batch element).
+    num_heads: ``N`` if the mask depends on ``h`` (default: evaluated at ``h = 0``
+      and shared by every head).
+    block_q, block_kv: tile sizes; default those the blockwise path takes for a
+      mask that hides tiles. A call that uses the map runs with these tiles.
 
   Returns:
-    A dict of ``(..., N, T)`` float32 arrays: ``"lse"`` (``-inf`` for a query
-    that attends nothing), ``"entropy"`` (nats; 0 for one attended key, ``log n``
-    for uniform weights over ``n``) and ``"max_weight"`` (0 if nothing is attended).
+    A :class:`jattn.BlockMask`.
 
   Examples:
     >>> import jax.numpy as jnp, jattn
-    >>> q = k = jnp.zeros((6, 1, 4))  # equal scores: uniform weights
-    >>> stats = jattn.attention_stats(q, k, is_causal=True)
-    >>> [round(float(e), 4) for e in stats["entropy"][0]]
-    [0.0, 0.6931, 1.0986, 1.3863, 1.6094, 1.7918]
+    >>> doc = jnp.arange(8) // 4  # two documents of 4
+    >>> same_doc = lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx]
+    >>> bm = jattn.block_mask(same_doc, 8, block_q=2, block_kv=2)
+    >>> bm.tiles[0, 0]  # 2 = full, 0 = hidden
+    Array([[2, 2, 0, 0],
+           [2, 2, 0, 0],
+           [0, 0, 2, 2],
+           [0, 0, 2, 2]], dtype=int8)
   """
-  key = jnp.asarray(key)
-  values = jnp.zeros((*key.shape[:-1], 1), key.dtype)  # the statistics need no values
-  _, lse, stats = blockwise_attention(
-    query,
-    key,
-    values,
-    bias=bias,
-    mask=mask,
-    scale=scale,
-    is_causal=is_causal,
-    local_window_size=local_window_size,
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-    alignment=alignment,
-    block_q=block_q,
-    block_kv=block_kv,
-    return_stats=True,
-  )
-  return {"lse": lse, **stats}
+  T = _masks.check_length("q_len", q_len)
+  S = T if kv_len is None else _masks.check_length("kv_len", kv_len)
+  batch_shape = tuple(batch_shape)
+  if not all(isinstance(d, (int, np.integer)) and d > 0 for d in batch_shape):
+    raise ValueError(f"batch_shape must be a tuple of positive ints, got {batch_shape!r}.")
+  B = math.prod(batch_shape)
+  Nm = 1 if num_heads is None else _masks.check_length("num_heads", num_heads)
+  d_bq, d_bk = default_blocks(T, S, structured=True)
+  bq = min(d_bq if block_q is None else _masks.check_length("block_q", block_q), T)
+  bk = min(d_bk if block_kv is None else _masks.check_length("block_kv", block_kv), S)
+  nq, nk = -(-T // bq), -(-S // bk)
+  mod = check_mod("mask_mod", mask_mod, jnp.float32)
+  kv_idx = jnp.arange(nk * bk, dtype=jnp.int32)
+  b = jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1)
+  h = jnp.arange(Nm, dtype=jnp.int32).reshape(1, Nm, 1, 1)
+
+  def row(i):  # one row of tiles: (B, Nm, nk)
+    q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)
+    inside = ((q_idx < T)[:, None] & (kv_idx < S)[None, :])[None, None]
+    visible = apply_mod(
+      mod,
+      b,
+      h,
+      jnp.minimum(q_idx, T - 1).reshape(1, 1, bq, 1),
+      jnp.minimum(kv_idx, S - 1).reshape(1, 1, 1, nk * bk),
+    )
+    shape = (B, Nm, bq, nk, bk)
+    any_ = jnp.any((visible & inside).reshape(shape), axis=(2, 4))
+    all_ = jnp.all((visible | ~inside).reshape(shape), axis=(2, 4))
+    return jnp.where(any_, jnp.where(all_, FULL, PARTIAL), HIDDEN).astype(jnp.int8)
+
+  tiles = jnp.moveaxis(jax.lax.map(row, jnp.arange(nq)), 0, 2)  # (B, Nm, nq, nk)
+  return BlockMask(tiles, T, S, bq, bk)

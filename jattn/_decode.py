@@ -16,17 +16,26 @@ token therefore equals causal self-attention over the whole sequence.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jattn import _core, _masks, _params
+from jattn import _dot_product, _masks, _params, _spec
 
 Array = jax.Array
 
-# Options that decode_step decides itself.
-_FIXED = ("is_causal", "alignment", "query_seq_lengths", "return_weights", "return_lse")
+# Options that decode_step decides itself (a block mask's tiles would have to move
+# with the cache index).
+_FIXED = (
+  "is_causal",
+  "alignment",
+  "query_seq_lengths",
+  "return_weights",
+  "return_lse",
+  "block_mask",
+)
 
 
 def init_cache(
@@ -50,7 +59,7 @@ def init_cache(
     {'index': (), 'key': (3, 16, 2, 4), 'value': (3, 16, 2, 4)}
   """
   proj = _params.Projections(params)
-  max_len = _masks._check_length("max_len", max_len)
+  max_len = _masks.check_length("max_len", max_len)
   batch_shape = tuple(batch_shape)
   if not all(isinstance(b, int) and b > 0 for b in batch_shape):
     raise ValueError(f"batch_shape must be a tuple of positive ints, got {batch_shape!r}.")
@@ -100,7 +109,8 @@ def decode_step(
       ``local_window_size``, ``mask`` (broadcast against ``(..., N, T, L)``),
       ``bias``, ``key_value_seq_lengths``, ``implementation``, dropout, ...),
       except those decode fixes: it is always causal, with the queries at
-      positions ``index .. index + T - 1``.
+      positions ``index .. index + T - 1``. A ``mask_mod``/``score_mod`` sees
+      those positions as ``q_idx`` and the cache slots as ``kv_idx``.
 
   Returns:
     ``(outputs, cache)``: outputs ``(..., T, O)`` (or ``(..., T, N * D)``) as
@@ -121,9 +131,12 @@ def decode_step(
     >>> bool(jnp.allclose(jnp.concatenate(steps), full, atol=1e-6))
     True
   """
-  fixed = sorted(set(options) & set(_FIXED))
-  if fixed:
-    raise TypeError(f"decode_step fixes {fixed} itself (always causal, at the cache's index).")
+  opts = _spec.options(
+    "decode_step",
+    options,
+    exclude=_FIXED,
+    why=": it fixes them itself (causal at the cache's index)",
+  )
   proj = _params.Projections(params)
   q, k, v = _params.project_qkv(proj, x, x)
   keys, values, index = _check_cache(cache, k, v)
@@ -131,14 +144,16 @@ def decode_step(
   axis = keys.ndim - 3
   keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis)
   values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis)
-  window = _masks.normalize_window(options.pop("local_window_size", None))
-  positions = _masks.position_mask(
-    index + jnp.arange(T), jnp.arange(L), is_causal=True, window=window
-  )  # (T, L)
-  mask = _masks.combine_masks(options.pop("mask", None), positions)
-  heads = _core.dot_product_attention(
-    q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask, **options
+  # The queries are positions index .. index + T - 1 of the sequence the cache holds:
+  # causal from a traced start, so the blockwise path skips the tiles past it.
+  call = _spec.describe(
+    q,
+    keys.astype(q.dtype),
+    values.astype(q.dtype),
+    dataclasses.replace(opts, is_causal=True, alignment="top_left"),
+    q_start=index,
   )
+  heads = _dot_product.run(call)
   overflow = index + T > L
   heads = jnp.where(overflow, jnp.nan, heads)
   new_cache = {"key": keys, "value": values, "index": (index + T).astype(jnp.int32)}

@@ -19,8 +19,11 @@ position ``i``, as in ``jax.nn.dot_product_attention`` and PyTorch's
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +38,7 @@ def _check_alignment(alignment: str) -> None:
     raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}.")
 
 
-def _check_length(name: str, value) -> int:
+def check_length(name: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be a Python int, got {type(value).__name__}.")
   if value <= 0:
@@ -78,21 +81,21 @@ def position_mask(
 ) -> jax.Array | None:
   """The causal/sliding-window mask of query positions against key positions.
 
-  The single place where position-based masking is defined; the naive and the
-  blockwise paths both call it (the latter on one tile of positions at a time).
+  The single place where position-based masking is defined (:func:`visible` and
+  :func:`tile_state` use it for elements and for tiles).
 
   Args:
-    q_pos: ``(T,)`` integer positions of the queries (already offset by alignment).
-    kv_pos: ``(S,)`` integer positions of the keys.
+    q_pos: integer positions of the queries (already offset by alignment), e.g. ``(T, 1)``.
+    kv_pos: integer positions of the keys, broadcasting against ``q_pos``, e.g. ``(1, S)``.
     is_causal: whether a query may only attend keys at or before its position.
     window: ``(left, right)``: a query at ``p`` attends keys in ``[p - left, p + right]``.
 
   Returns:
-    A ``(T, S)`` boolean mask, or None when neither option restricts anything.
+    The broadcast boolean mask, or None when neither option restricts anything.
   """
   if not is_causal and window is None:
     return None
-  delta = kv_pos[None, :] - q_pos[:, None]  # (T, S): key position minus query position
+  delta = kv_pos - q_pos  # key position minus query position
   mask = jnp.ones(delta.shape, dtype=bool)
   if is_causal:
     mask &= delta <= 0
@@ -100,24 +103,6 @@ def position_mask(
     left, right = window
     mask &= (delta >= -left) & (delta <= right)
   return mask
-
-
-def ranges_visible(
-  q_first, q_last, kv_first, kv_last, *, is_causal: bool, window: tuple[int, int] | None
-) -> jax.Array:
-  """Whether queries at positions ``[q_first, q_last]`` may attend any key in
-  ``[kv_first, kv_last]`` under the causal/window rules of :func:`position_mask`.
-
-  The blockwise path asks it per tile and the ring path per device block, to skip
-  work that is hidden entirely. Positions may be traced.
-  """
-  visible = jnp.asarray(True)
-  if is_causal:
-    visible &= kv_first <= q_last
-  if window is not None:
-    left, right = window
-    visible &= (kv_first <= q_last + right) & (kv_last >= q_first - left)
-  return visible
 
 
 def causal_mask(q_len: int, kv_len: int | None = None, *, alignment: Alignment = "bottom_right"):
@@ -174,12 +159,15 @@ def sliding_window_mask(
            [0, 1, 1, 0],
            [0, 0, 1, 1]], dtype=int32)
   """
-  q_len = _check_length("q_len", q_len)
-  kv_len = q_len if kv_len is None else _check_length("kv_len", kv_len)
+  q_len = check_length("q_len", q_len)
+  kv_len = q_len if kv_len is None else check_length("kv_len", kv_len)
   window = normalize_window(window)
   offset = query_offset(q_len, kv_len, alignment)
   mask = position_mask(
-    jnp.arange(q_len) + offset, jnp.arange(kv_len), is_causal=is_causal, window=window
+    jnp.arange(q_len)[:, None] + offset,
+    jnp.arange(kv_len)[None, :],
+    is_causal=is_causal,
+    window=window,
   )
   return jnp.ones((q_len, kv_len), dtype=bool) if mask is None else mask
 
@@ -221,13 +209,13 @@ def padding_mask(
     Array([[1, 1, 0, 0],
            [1, 1, 1, 0]], dtype=int32)
   """
-  kv_len = _check_length("kv_len", kv_len)
+  kv_len = check_length("kv_len", kv_len)
   kv_valid = jnp.ones((kv_len,), bool) if kv_lengths is None else length_mask(kv_lengths, kv_len)
   mask = kv_valid[..., None, None, :]  # (..., 1, 1, S)
   if q_lengths is not None:
     if q_len is None:
       raise ValueError("padding_mask: q_len is required when q_lengths is given.")
-    q_valid = length_mask(q_lengths, _check_length("q_len", q_len))
+    q_valid = length_mask(q_lengths, check_length("q_len", q_len))
     mask = combine_masks(mask, q_valid[..., None, :, None])  # (..., 1, T, S)
   return mask
 
@@ -268,3 +256,230 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
   for m in present[1:]:
     out = out & jnp.broadcast_to(m, shape)
   return out
+
+
+# --- the description of a call's mask: one element rule, one tile rule -----------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+  """Which tiles of the ``(T, S)`` score matrix a ``mask_mod`` hides, shows or cuts.
+
+  Made by :func:`jattn.block_mask`; pass it as ``block_mask=`` together with the
+  same ``mask_mod`` so the blockwise path skips the hidden tiles and drops the
+  per-element mask on the fully visible ones. A pytree (its tile map is an
+  array), so it crosses ``jit`` and can be reused across layers and steps.
+
+  Attributes:
+    tiles: ``(B', N', nq, nk)`` int8, one per (batch, head, query tile, key
+      tile): 0 hidden, 1 partly visible, 2 fully visible. ``B'`` is 1 or the
+      flattened batch, ``N'`` 1 or the query heads.
+    q_len, kv_len, block_q, block_kv: the lengths and tile sizes it was built for.
+  """
+
+  tiles: jax.Array
+  q_len: int = dataclasses.field(metadata=dict(static=True))
+  kv_len: int = dataclasses.field(metadata=dict(static=True))
+  block_q: int = dataclasses.field(metadata=dict(static=True))
+  block_kv: int = dataclasses.field(metadata=dict(static=True))
+
+  def check_blocks(self, block_q: int | None, block_kv: int | None) -> tuple[int, int]:
+    """The tile sizes of a call that uses this map: its own, or the same ones given again."""
+    for name, given, own in (
+      ("block_q", block_q, self.block_q),
+      ("block_kv", block_kv, self.block_kv),
+    ):
+      if given is not None and given != own:
+        raise ValueError(f"{name}={given} differs from the block_mask's tiles ({name}={own}).")
+    return self.block_q, self.block_kv
+
+
+HIDDEN, PARTIAL, FULL = 0, 1, 2
+
+
+class Mask(NamedTuple):
+  """Every rule that decides whether a query may attend a key, for one call.
+
+  Indices are global: query ``i`` of the arrays a backend holds is query
+  ``q_start + i`` of the problem (and key ``j`` is key ``kv_start + j``), so the
+  ring's shards and decoding at a cache index see the same mask as the whole
+  problem. Query ``t`` sits at position ``t + offset`` among the keys (alignment).
+  """
+
+  T: int  # global query and key lengths
+  S: int
+  offset: int
+  is_causal: bool
+  window: tuple[int, int] | None
+  q_lengths: jax.Array | None  # (...) int32
+  kv_lengths: jax.Array | None  # (...) int32
+  dense: jax.Array | None  # bool, broadcastable to (..., N, T, S)
+  mask_mod: Any  # jattn._spec.Mod | None
+  block_mask: BlockMask | None
+  q_start: Any = 0  # ints, or traced scalars
+  kv_start: Any = 0
+  b_start: Any = 0
+  h_start: Any = 0
+
+  @property
+  def anything(self) -> bool:
+    """Whether any rule restricts anything (else no backend masks at all)."""
+    return (
+      self.is_causal
+      or self.window is not None
+      or self.q_lengths is not None
+      or self.kv_lengths is not None
+      or self.dense is not None
+      or self.mask_mod is not None
+    )
+
+  @property
+  def structured(self) -> bool:
+    """Whether whole tiles can be hidden: then smaller key tiles pay."""
+    return self.anything and not (self.mask_mod is not None and self.block_mask is None)
+
+
+def describe(
+  dims,
+  *,
+  mask: Any,
+  is_causal: bool,
+  window: tuple[int, int] | None,
+  q_lengths: jax.Array | None,
+  kv_lengths: jax.Array | None,
+  alignment: Any,
+  mask_mod: Any,
+  block_mask: Any,
+  q_start: Any = 0,
+) -> Mask:
+  """The :class:`Mask` of a call, checked against its dims (see :func:`jattn._spec.describe`)."""
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      raise TypeError(
+        f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
+        "use e.g. `mask != 0` or the jattn mask helpers."
+      )
+    try:
+      ok = np.broadcast_shapes(mask.shape, dims.weights_shape) == dims.weights_shape
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(
+        f"mask of shape {mask.shape} does not broadcast to the attention weights' shape "
+        f"{dims.weights_shape} (..., heads, q_len, kv_len)."
+      )
+  if block_mask is not None:
+    if not isinstance(block_mask, BlockMask):
+      raise TypeError(
+        f"block_mask must come from jattn.block_mask, got {type(block_mask).__name__}."
+      )
+    if mask_mod is None:
+      raise ValueError("block_mask needs the mask_mod it was built from (pass both).")
+    if (block_mask.q_len, block_mask.kv_len) != (dims.T, dims.S):
+      raise ValueError(
+        f"block_mask was built for (q_len, kv_len) = {(block_mask.q_len, block_mask.kv_len)}, "
+        f"but the call has {(dims.T, dims.S)}."
+      )
+    B, N = math.prod(dims.batch), dims.N
+    Bm, Nm = block_mask.tiles.shape[:2]
+    if Bm not in (1, B) or Nm not in (1, N):
+      raise ValueError(
+        f"block_mask tiles {block_mask.tiles.shape} (batch, heads, nq, nk) do not fit "
+        f"{B} batch elements and {N} heads."
+      )
+  return Mask(
+    T=dims.T,
+    S=dims.S,
+    offset=query_offset(dims.T, dims.S, alignment),
+    is_causal=is_causal,
+    window=window,
+    q_lengths=q_lengths,
+    kv_lengths=kv_lengths,
+    dense=mask,
+    mask_mod=mask_mod,
+    block_mask=block_mask,
+    q_start=q_start,
+  )
+
+
+def visible(
+  m: Mask,
+  b: jax.Array,
+  h: jax.Array,
+  q_idx: jax.Array,
+  kv_idx: jax.Array,
+  *,
+  q_len: jax.Array | None,
+  kv_len: jax.Array | None,
+  dense: jax.Array | None,
+  with_mod: bool = True,
+) -> jax.Array | None:
+  """Whether query ``q_idx`` may attend key ``kv_idx``: the element rule of every path.
+
+  ``b``, ``h``, ``q_idx``, ``kv_idx`` are global indices that broadcast together
+  (e.g. ``(G, 1, 1)``, ``(bq, 1)``, ``(bk,)``); ``q_len``/``kv_len``/``dense`` are
+  the lengths and boolean mask already taken for these rows and columns. Keys at
+  or beyond ``S`` (padding of a tiled layout) are never visible. Returns None if
+  nothing is masked.
+  """
+  parts = []
+  positions = position_mask(q_idx + m.offset, kv_idx, is_causal=m.is_causal, window=m.window)
+  if positions is not None:
+    parts.append(positions)
+  if kv_len is not None:
+    parts.append(kv_idx < kv_len)
+  if q_len is not None:
+    parts.append(q_idx < q_len)
+  if dense is not None:
+    parts.append(dense)
+  if with_mod and m.mask_mod is not None:
+    from jattn._spec import apply_mod
+
+    parts.append(apply_mod(m.mask_mod, b, h, q_idx, kv_idx))
+  if not parts:
+    return None
+  out = parts[0]
+  for p in parts[1:]:
+    out = out & p
+  return out
+
+
+def tile_state(
+  m: Mask,
+  q_first: Any,
+  q_last: Any,
+  kv_first: Any,
+  kv_last: Any,
+  *,
+  q_len: Any = None,
+  kv_len: Any = None,
+  more: tuple[tuple[Any, Any], ...] = (),
+) -> jax.Array:
+  """The tile rule: HIDDEN, PARTIAL or FULL for queries ``[q_first, q_last]`` against
+  keys ``[kv_first, kv_last]`` (global indices, may be traced).
+
+  Positions, causal order, windows and lengths state their tile rule here directly;
+  ``more`` adds ``(any visible, all visible)`` of other rules (a boolean mask's
+  tiles, a block mask's). A tile is hidden if any rule hides it and full if every
+  rule shows all of it.
+  """
+  anys, alls = list(m_any for m_any, _ in more), list(m_all for _, m_all in more)
+  qf, ql = q_first + m.offset, q_last + m.offset
+  if m.is_causal:
+    anys.append(kv_first <= ql)
+    alls.append(kv_last <= qf)
+  if m.window is not None:
+    left, right = m.window
+    anys.append((kv_first <= ql + right) & (kv_last >= qf - left))
+    alls.append((kv_first >= ql - left) & (kv_last <= qf + right))
+  if kv_len is not None:
+    anys.append(kv_first < kv_len)
+    alls.append(kv_last < kv_len)
+  if q_len is not None:
+    anys.append(q_first < q_len)
+    alls.append(q_last < q_len)
+  any_ = functools.reduce(jnp.logical_and, anys, jnp.asarray(True))
+  all_ = functools.reduce(jnp.logical_and, alls, jnp.asarray(True))
+  return jnp.where(any_, jnp.where(all_, FULL, PARTIAL), HIDDEN).astype(jnp.int32)

@@ -109,6 +109,9 @@ class MultiHeadAttention(nn.Module):
     bias: Array | None = None,
     query_seq_lengths: Array | None = None,
     key_value_seq_lengths: Array | None = None,
+    mask_mod: Callable | None = None,
+    score_mod: Callable | None = None,
+    block_mask: Any = None,
     deterministic: bool | None = None,
     sow_weights: bool = False,
   ) -> Array:
@@ -117,8 +120,9 @@ class MultiHeadAttention(nn.Module):
     Args:
       inputs_q: ``(..., T, F)``.
       inputs_kv: ``(..., S, Fkv)`` (default ``inputs_q``: self-attention).
-      mask, bias, query_seq_lengths, key_value_seq_lengths: as in
-        :func:`jattn.dot_product_attention`, broadcast against ``(..., N, T, S)``.
+      mask, bias, query_seq_lengths, key_value_seq_lengths, mask_mod, score_mod,
+        block_mask: as in :func:`jattn.dot_product_attention` (masks and biases
+        broadcast against ``(..., N, T, S)``).
       deterministic: True turns dropout off; with ``dropout_rate > 0`` it must be
         given here or as the attribute (Flax's convention).
       sow_weights: store the attention weights ``(..., N, T, S)`` in the
@@ -142,10 +146,14 @@ class MultiHeadAttention(nn.Module):
       scale=self.scale,
       local_window_size=self.local_window_size,
       key_value_seq_lengths=key_value_seq_lengths,
+      mask_mod=mask_mod,
+      score_mod=score_mod,
       implementation=self.implementation,
       block_q=self.block_q,
       block_kv=self.block_kv,
     )
+    if block_mask is not None:  # decode_step takes none: its tiles move with the cache
+      options["block_mask"] = block_mask
     if self.dropout_rate > 0.0 and not nn.merge_param(
       "deterministic", self.deterministic, deterministic
     ):

@@ -163,6 +163,9 @@ class MultiHeadAttention(nnx.Module):
     bias: Array | None = None,
     query_seq_lengths: Array | None = None,
     key_value_seq_lengths: Array | None = None,
+    mask_mod: Callable | None = None,
+    score_mod: Callable | None = None,
+    block_mask: Any = None,
     deterministic: bool | None = None,
     rngs: nnx.Rngs | None = None,
     sow_weights: bool = False,
@@ -170,12 +173,22 @@ class MultiHeadAttention(nnx.Module):
   ) -> Array:
     """Attends ``inputs_q (..., T, F)`` to ``inputs_kv (..., S, Fkv)`` (default: itself).
 
-    ``mask``, ``bias`` and the lengths are as in :func:`jattn.dot_product_attention`;
+    ``mask``, ``bias``, the lengths, ``mask_mod``, ``score_mod`` and ``block_mask``
+    are as in :func:`jattn.dot_product_attention`;
     ``sow_weights`` stores the weights ``(..., N, T, S)`` as an ``nnx.Intermediate``
     named ``attention_weights``; ``decode`` runs :func:`jattn.decode_step` on the
     cache made by :meth:`init_cache`. Returns ``(..., T, O)`` (or ``(..., T, N * D)``).
     """
-    options = dict(self.options, mask=mask, bias=bias, key_value_seq_lengths=key_value_seq_lengths)
+    options = dict(
+      self.options,
+      mask=mask,
+      bias=bias,
+      key_value_seq_lengths=key_value_seq_lengths,
+      mask_mod=mask_mod,
+      score_mod=score_mod,
+    )
+    if block_mask is not None:  # decode_step takes none: its tiles move with the cache
+      options["block_mask"] = block_mask
     options.update(self._dropout(deterministic, rngs))
     if decode:
       if inputs_kv is not None or sow_weights or query_seq_lengths is not None:

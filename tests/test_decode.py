@@ -82,7 +82,7 @@ def test_cache_shape_and_option_errors(rng, params):
   x = normal(rng, (2, 1, 6))
   with pytest.raises(ValueError, match=r"the cache holds keys \(3, 5, 2, 4\)"):
     jattn.decode_step(params, jattn.init_cache(params, (3,), 5), x)
-  with pytest.raises(TypeError, match="fixes"):
+  with pytest.raises(TypeError, match="fixes them itself"):
     jattn.decode_step(params, jattn.init_cache(params, (2,), 5), x, is_causal=False)
   with pytest.raises(TypeError, match="init_cache"):
     jattn.decode_step(params, {"key": 1}, x)

@@ -183,3 +183,57 @@ def test_errors_name_the_problem():
     jattn.dot_product_attention(
       q, k, v, mask=jnp.ones((16, 16), bool), implementation=jattn.Ring(mesh, "seq")
     )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_mods_with_captured_arrays_equal_single_device(layout):
+  # Data x seq x heads: the mods see global batch, head and position indices on every shard,
+  # and the gradient of the captured table sums every device's share.
+  mesh = jax.make_mesh((2, 2, 2), ("data", "seq", "heads"))
+  T = 24
+  q, k, v = qkv((2,), T, T, 4, 2)
+  r = np.random.default_rng(1)
+  table = jnp.asarray(r.standard_normal((4, 9)), jnp.float32)  # (heads, distances -4..4)
+  doc = jnp.asarray(np.sort(r.integers(0, 3, (2, T)), axis=-1), jnp.int32)
+  order = jattn.zigzag_order(T, 2) if layout == "zigzag" else np.arange(T)
+  natural = np.argsort(order)
+
+  def options(table):
+    def score_mod(s, b, h, q_idx, kv_idx):
+      return 5.0 * jnp.tanh(s / 5.0) + table[h, jnp.clip(q_idx - kv_idx, -4, 4) + 4]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+      return doc[b, q_idx] == doc[b, kv_idx]
+
+    return dict(score_mod=score_mod, mask_mod=mask_mod, is_causal=True)
+
+  def ring(q, k, v, table):
+    return jattn.ring_attention(
+      q,
+      k,
+      v,
+      mesh=mesh,
+      axis_name="seq",
+      batch_axis="data",
+      head_axis="heads",
+      layout=layout,
+      **options(table),
+    )
+
+  def single(q, k, v, table):
+    return jattn.dot_product_attention(q, k, v, implementation="naive", **options(table))
+
+  def ring_loss(q, k, v, table):  # a sum over positions: the same in either order
+    return loss(lambda q, k, v: ring(q, k, v, table))(q, k, v)
+
+  def single_loss(q, k, v, table):
+    return loss(lambda q, k, v: single(q, k, v, table))(q, k, v)
+
+  zq, zk, zv = (a[:, order] for a in (q, k, v))
+  out = np.asarray(jax.jit(ring)(zq, zk, zv, table))[:, natural]
+  np.testing.assert_allclose(out, single(q, k, v, table), atol=1e-5, rtol=1e-5)
+  grads = jax.jit(jax.grad(ring_loss, argnums=(0, 1, 2, 3)))(zq, zk, zv, table)
+  expected = jax.grad(single_loss, argnums=(0, 1, 2, 3))(q, k, v, table)
+  for got, want in zip(grads[:3], expected[:3], strict=True):
+    np.testing.assert_allclose(np.asarray(got)[:, natural], want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(grads[3], expected[3], atol=1e-5, rtol=1e-5)
