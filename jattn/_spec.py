@@ -149,16 +149,33 @@ def check_mod(name: str, fn: Any, score_dtype) -> Mod | None:
 
 
 def apply_mod(mod: Mod, *args: Array) -> Array:
-  """Evaluates a scalar mod on arrays that broadcast together: one ``vmap`` over all entries."""
+  """Evaluates a scalar mod on arrays that broadcast together, one ``vmap`` per axis.
+
+  An argument of size 1 along an axis is not mapped over it (never broadcast), so
+  an index that varies along one axis of a tile costs that axis only, and no
+  reshape separates the mod from the scores it changes.
+  """
   shape = np.broadcast_shapes(*(a.shape for a in args))
+  rank = len(shape)
   # The indices are int32 as the mod was traced with (also under jax_enable_x64).
   dtypes = [jnp.int32] * 4 if mod.score_dtype is None else [mod.score_dtype, *[jnp.int32] * 4]
-  flat = [
-    jnp.broadcast_to(a, shape).reshape(-1).astype(d) for a, d in zip(args, dtypes, strict=True)
+  args = [jnp.asarray(a, d) for a, d in zip(args, dtypes, strict=True)]
+  args = [a.reshape((1,) * (rank - a.ndim) + a.shape) for a in args]
+  mapped = [[a.shape[k] == shape[k] for k in range(rank)] for a in args]
+  args = [
+    a.reshape([d for d, m in zip(a.shape, mk, strict=True) if m])
+    for a, mk in zip(args, mapped, strict=True)
   ]
-  n = len(mod.consts)
-  out = jax.vmap(mod.fn, in_axes=(0,) * len(flat) + (None,) * n)(*flat, *mod.consts)
-  return out.reshape(shape)
+  n = len(args)
+
+  def fn(*xs):
+    return mod.fn(*xs[:n], *xs[n:])
+
+  for k in reversed(range(rank)):
+    fn = jax.vmap(
+      fn, in_axes=(*(0 if mk[k] else None for mk in mapped), *(None,) * len(mod.consts))
+    )
+  return fn(*args, *mod.consts)
 
 
 class Call(NamedTuple):

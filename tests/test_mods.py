@@ -339,21 +339,23 @@ def test_tiles_the_map_hides_are_skipped_and_full_tiles_are_not_masked():
   assert_allclose(attend(block_mask=everything_full), unmasked, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(
-  st.integers(0, 20),
-  st.integers(0, 20),
-  st.integers(1, 6),
-  st.integers(1, 6),
+  st.integers(0, 8),
+  st.integers(0, 8),
+  st.integers(1, 4),
+  st.integers(1, 4),
   st.booleans(),
-  st.one_of(st.none(), st.tuples(st.integers(0, 5), st.integers(0, 5))),
-  st.integers(-4, 4),
-  st.one_of(st.none(), st.integers(0, 25)),
+  st.one_of(st.none(), st.tuples(st.integers(0, 3), st.integers(0, 3))),
+  st.integers(-2, 2),
+  st.one_of(st.none(), st.integers(0, 10)),
 )
 def test_built_in_tile_rule_agrees_with_the_element_rule(
   q_first, kv_first, q_size, kv_size, causal, window, offset, kv_len
 ):
-  """HIDDEN iff no element of the tile is visible, FULL iff every element is."""
+  """FULL iff every element of the tile is visible; HIDDEN only if none is, and whenever none
+  is under a single rule (rules combine by AND, so two rules may leave a tile PARTIAL that
+  no element of survives: correct, merely not skipped)."""
   m = _masks.Mask(
     T=30,
     S=30,
@@ -373,8 +375,11 @@ def test_built_in_tile_rule_agrees_with_the_element_rule(
   state = _masks.tile_state(
     m, q_first, q_first + q_size - 1, kv_first, kv_first + kv_size - 1, kv_len=kv_len
   )
-  want = 0 if not elements.any() else 2 if elements.all() else 1
-  assert int(state) == want
+  assert (int(state) == 2) == bool(elements.all())
+  if int(state) == 0:
+    assert not elements.any()
+  if causal + (window is not None) + (kv_len is not None) == 1 and not elements.any():
+    assert int(state) == 0
 
 
 def compiled_temp_bytes(fn, *args):
