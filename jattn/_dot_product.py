@@ -107,6 +107,20 @@ def dot_product_attention(
     ...     q, k, v, bias=table[jnp.arange(5)[:, None] - jnp.arange(5)[None] + 4], is_causal=True),
     ...     atol=1e-6))
     True
+
+    The table is an array like any other: train it with Optax.
+
+    >>> import optax
+    >>> def loss(table):
+    ...   mod = lambda s, b, h, q_idx, kv_idx: s + table[q_idx - kv_idx + 4]
+    ...   return jnp.sum(jattn.dot_product_attention(q, k, v, score_mod=mod) ** 2)
+    >>> optimizer = optax.sgd(0.05)
+    >>> trained, state = table, optimizer.init(table)
+    >>> for _ in range(5):
+    ...   updates, state = optimizer.update(jax.grad(loss)(trained), state)
+    ...   trained = optax.apply_updates(trained, updates)
+    >>> bool(loss(trained) < loss(table))
+    True
   """
   call = _spec.describe(query, key, value, _spec.options("dot_product_attention", options))
   return run(call)

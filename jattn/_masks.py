@@ -81,8 +81,8 @@ def position_mask(
 ) -> jax.Array | None:
   """The causal/sliding-window mask of query positions against key positions.
 
-  The single place where position-based masking is defined (:func:`visible` and
-  :func:`tile_state` use it for elements and for tiles).
+  The element rule for positions (:func:`visible` uses it; :func:`tile_state`
+  states the same rule for ranges of positions, and a test checks they agree).
 
   Args:
     q_pos: integer positions of the queries (already offset by alignment), e.g. ``(T, 1)``.
@@ -286,11 +286,11 @@ class BlockMask:
 
   def check_blocks(self, block_q: int | None, block_kv: int | None) -> tuple[int, int]:
     """The tile sizes of a call that uses this map: its own, or the same ones given again."""
-    for name, given, own in (
-      ("block_q", block_q, self.block_q),
-      ("block_kv", block_kv, self.block_kv),
+    for name, given, own, length in (
+      ("block_q", block_q, self.block_q, self.q_len),
+      ("block_kv", block_kv, self.block_kv, self.kv_len),
     ):
-      if given is not None and given != own:
+      if given is not None and min(given, length) != own:  # tiles are clamped to the lengths
         raise ValueError(f"{name}={given} differs from the block_mask's tiles ({name}={own}).")
     return self.block_q, self.block_kv
 
