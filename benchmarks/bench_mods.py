@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import json
 import math
-import resource
 import statistics
 import sys
 import time
@@ -40,13 +39,11 @@ CASES = ("plain", "softcap", "documents", "window1024", "window1024-builtin")
 MODES = ("fwd", "fwd+bwd")
 LIBS = ("jattn", "flex")
 JATTN_ONLY = ("window1024-builtin",)
-MODS = ("softcap", "documents", "window1024")  # the cases that need the score_mod/mask_mod API
 SOFTCAP = 30.0
 DOCUMENTS = 8
 WINDOW = 1024
 # The issue's targets, as jattn's time over jattn plain's (same mode): at most this.
 TARGETS = {("softcap", "fwd+bwd"): 1.25, ("documents", "fwd"): 0.33, ("documents", "fwd+bwd"): 0.33}
-API_MISSING = "jattn API missing"
 NO_CPU_BACKWARD = "no CPU backward"
 
 
@@ -68,18 +65,6 @@ def _time(fn, repeats: int) -> tuple[float, list[float]]:
     fn()
     times.append(time.perf_counter() - start)
   return first, times
-
-
-def jattn_api_missing() -> str | None:
-  """Why the score_mod/mask_mod API cannot be used (None when it can)."""
-  try:
-    import jattn
-  except Exception as error:  # a half-written jattn fails in many ways
-    return f"{API_MISSING} (import jattn failed: {type(error).__name__}: {error})"
-  missing = []
-  if not callable(getattr(jattn, "block_mask", None)):
-    missing.append("jattn.block_mask")
-  return f"{API_MISSING}: {', '.join(missing)}" if missing else None
 
 
 def _jattn_case(case: str, shape, mode: str):
@@ -174,28 +159,14 @@ def _flex_case(case: str, shape, mode: str):
   return run_backward, setup_s
 
 
-def peak_rss_mb() -> float:
-  """This process's peak resident memory in MB (``VmHWM``; ``ru_maxrss`` counts the parent's)."""
-  try:
-    for line in Path("/proc/self/status").read_text().splitlines():
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(lib: str, case: str, shape, mode: str, repeats: int) -> dict:
   """Runs one case in this process and returns its measurements."""
+  from jattn._bench import peak_rss_mb
+
   base = {"lib": lib, "case": case, "mode": mode, "shape": list(shape)}
   if lib == "jattn":
-    try:
-      run, setup_s = _jattn_case(case, shape, mode)
-      first, times = _time(run, repeats)
-    except (AttributeError, TypeError) as error:
-      if case in MODS and (reason := jattn_api_missing()):
-        return {**base, "skipped": reason, "short": API_MISSING}
-      raise error
+    run, setup_s = _jattn_case(case, shape, mode)
+    first, times = _time(run, repeats)
     import jax
 
     version = f"jax {jax.__version__}"
@@ -384,9 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     print("torch is not installed: the flex rows are left out (pip install torch==2.13.0)")
   else:
     libs.append("flex")
-  missing = jattn_api_missing()
-  if missing:
-    print(f"{missing}: the jattn rows of {', '.join(c for c in cases if c in MODS)} are skipped")
 
   results = []
   for case in cases:
@@ -394,11 +362,7 @@ def main(argv: list[str] | None = None) -> int:
       for lib in libs:
         if lib == "flex" and case in JATTN_ONLY:
           continue
-        if lib == "jattn" and case in MODS and missing:
-          result = {"lib": lib, "case": case, "mode": mode, "shape": list(shape)}
-          result.update(skipped=missing, short=API_MISSING)
-        else:
-          result = run_case(lib, case, shape, mode, args.repeats, args.timeout)
+        result = run_case(lib, case, shape, mode, args.repeats, args.timeout)
         results.append(result)
         done = result.get("skipped") or (
           f"{result['median_s']:.3f} s (first call {result['first_call_s']:.1f} s, "

@@ -225,10 +225,15 @@ def attention_stats(query: Array, key: Array, **options: Any) -> dict[str, Array
     >>> [round(float(e), 4) for e in stats["entropy"][0]]
     [0.0, 0.6931, 1.0986, 1.3863, 1.6094, 1.7918]
   """
-  excluded = ("implementation", "dropout_rate", "dropout_rng", "deterministic")
-  opts = _spec.options(
-    "attention_stats", options, exclude=(*excluded, "return_weights", "return_lse")
+  excluded = (
+    "implementation",
+    "dropout_rate",
+    "dropout_rng",
+    "deterministic",
+    "return_weights",
+    "return_lse",
   )
+  opts = _spec.options("attention_stats", options, exclude=excluded)
   key = jnp.asarray(key)
   values = jnp.zeros((*key.shape[:-1], 1), key.dtype)  # the statistics need no values
   call = _spec.describe(query, key, values, opts)._replace(implementation="blockwise")

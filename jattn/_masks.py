@@ -353,23 +353,8 @@ def describe(
   block_mask: Any,
   q_start: Any = 0,
 ) -> Mask:
-  """The :class:`Mask` of a call, checked against its dims (see :func:`jattn._spec.describe`)."""
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-      raise TypeError(
-        f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
-        "use e.g. `mask != 0` or the jattn mask helpers."
-      )
-    try:
-      ok = np.broadcast_shapes(mask.shape, dims.weights_shape) == dims.weights_shape
-    except ValueError:
-      ok = False
-    if not ok:
-      raise ValueError(
-        f"mask of shape {mask.shape} does not broadcast to the attention weights' shape "
-        f"{dims.weights_shape} (..., heads, q_len, kv_len)."
-      )
+  """The :class:`Mask` of a call, checked against its dims (see :func:`jattn._spec.describe`,
+  which has already checked ``mask``)."""
   if block_mask is not None:
     if not isinstance(block_mask, BlockMask):
       raise TypeError(

@@ -208,6 +208,8 @@ def _ring_fn(plan: _Plan, call: Call):
     score_consts = consts[0]
     floats = [jnp.issubdtype(c.dtype, jnp.inexact) for c in score_consts]
 
+    float_consts = tuple(x for f, x in zip(floats, score_consts, strict=True) if f)
+
     def step(carry, s):
       dq, k, v, dk, dv, dc = carry
       for qs, ks, attend, visible in pairs((me - s) % size, me, q_len, kv_len, consts):
@@ -232,7 +234,6 @@ def _ring_fn(plan: _Plan, call: Call):
             jax.tree.map(jnp.zeros_like, c),
           )
 
-        float_consts = tuple(x for f, x in zip(floats, score_consts, strict=True) if f)
         dq_j, dk_j, dv_j, dc_j = jax.lax.cond(
           visible, grads, nothing, seq(q, qs, 2), seq(k, ks, 2), seq(v, ks, 2), float_consts
         )
@@ -243,7 +244,6 @@ def _ring_fn(plan: _Plan, call: Call):
       k, v, dk, dv = jax.lax.ppermute((k, v, dk, dv), axis, perm)
       return (dq, k, v, dk, dv, dc), None
 
-    float_consts = tuple(x for f, x in zip(floats, score_consts, strict=True) if f)
     init = (
       jnp.zeros_like(q),
       k,
@@ -257,8 +257,7 @@ def _ring_fn(plan: _Plan, call: Call):
     # transpose of their replicated input spec sums the shares over the mesh.
     it = iter(dc)
     d_score = tuple(
-      next(it) if f else np.zeros(x.shape, jax.dtypes.float0)
-      for f, x in zip(floats, score_consts, strict=True)
+      next(it) if f else _zero_cotangent(x) for f, x in zip(floats, score_consts, strict=True)
     )
     d_mask = tuple(_zero_cotangent(x) for x in consts[1])
     return dq, dk, dv, None, None, (d_score, d_mask)

@@ -366,9 +366,12 @@ def describe(
   bias = opts.bias
   if bias is not None:
     bias = check_broadcast("bias", bias, dims.weights_shape, boolean=False)
+  mask = opts.mask
+  if mask is not None:
+    mask = check_broadcast("mask", mask, dims.weights_shape, boolean=True)
   mask = _masks.describe(
     dims,
-    mask=opts.mask,
+    mask=mask,
     is_causal=check_flag("is_causal", opts.is_causal),
     window=_masks.normalize_window(opts.local_window_size),
     q_lengths=check_lengths("query_seq_lengths", opts.query_seq_lengths, dims.batch),
