@@ -13,6 +13,7 @@ from jattn._dot_product import attention_stats as attention_stats
 from jattn._dot_product import attention_weights as attention_weights
 from jattn._dot_product import dot_product_attention as dot_product_attention
 from jattn._masks import BlockMask as BlockMask
+from jattn._masks import alibi_slopes as alibi_slopes
 from jattn._masks import causal_mask as causal_mask
 from jattn._masks import combine_masks as combine_masks
 from jattn._masks import padding_mask as padding_mask
@@ -37,6 +38,7 @@ __all__ = (
   "INITIALIZER_NAMES",
   "BlockMask",
   "Ring",
+  "alibi_slopes",
   "attention",
   "attention_scores",
   "attention_stats",

@@ -54,7 +54,7 @@ import numpy as np
 
 from jattn import _dropout, _masks
 from jattn._masks import FULL, HIDDEN, PARTIAL, BlockMask
-from jattn._spec import Call, Dims, Mod, apply_mod, check_mod, compute_dtype
+from jattn._spec import Call, Dims, Mod, apply_mod, check_mod, compute_dtype, modify_scores
 
 Array = jax.Array
 
@@ -79,6 +79,7 @@ class Config(NamedTuple):
   score_mod: Mod | None  # without its arrays (they travel in Mods)
   mask_mod: Mod | None
   mod_mapped: bool  # whether a block mask gives the mask_mod's tile states
+  soft_cap: float | None = None
   dropout_rate: float = 0.0  # 0: no dropout
   dropout_impl: Any = None  # the PRNG implementation of the dropout keys
 
@@ -94,14 +95,31 @@ class Heads(NamedTuple):
   kv0: Array  # (BK,) global index of key 0
   q_len: Array | None = None  # (BK,) valid queries (global index bound)
   kv_len: Array | None = None  # (BK,) valid keys, padding included
+  kv_seg: Array | None = None  # (BK, nk, bk) segment ids of the keys
+  kv_pos: Array | None = None  # (BK, nk, bk) explicit positions of the keys
+  slopes: Array | None = None  # (BK, G) ALiBi slopes of the group's query heads
   dk: Array | None = None
   dv: Array | None = None
+  dslopes: Array | None = None
+
+
+class KVTile(NamedTuple):
+  """One key tile of a head group (what the key scan slices)."""
+
+  k: Array  # (bk, H)
+  v: Array  # (bk, D)
+  dk: Array | None
+  dv: Array | None
+  seg: Array | None  # (bk,)
+  pos: Array | None
 
 
 class QTile(NamedTuple):
   """Per (head group, query tile) (leading ``BK, nq``)."""
 
   q: Array  # (G, bq, H)
+  seg: Array | None = None  # (bq,) segment ids of the queries
+  pos: Array | None = None  # (bq,) explicit positions of the queries
   dq: Array | None = None
   o: Array | None = None
   lse: Array | None = None
@@ -165,7 +183,23 @@ def _for_mods(cfg: Config, t: Tile) -> tuple[Array, ...]:
   return t.b, t.h, jnp.minimum(t.q, cfg.mask.T - 1), jnp.minimum(t.kv, cfg.mask.S - 1)
 
 
-def _state(cfg: Config, heads: Heads, i, j, aux: Aux) -> Array:
+def _rows(heads: Heads, q_tile: QTile, kv: KVTile) -> tuple[_masks.Rows, _masks.Rows]:
+  """The tile's per-row and per-column data, shaped to broadcast against ``(G, bq, bk)``."""
+
+  def shaped(x, shape):
+    return None if x is None else x.reshape(shape)
+
+  return (
+    _masks.Rows(heads.q_len, shaped(q_tile.seg, (1, -1, 1)), shaped(q_tile.pos, (1, -1, 1))),
+    _masks.Rows(heads.kv_len, shaped(kv.seg, (1, 1, -1)), shaped(kv.pos, (1, 1, -1))),
+  )
+
+
+def _range(x: Array | None) -> tuple[Array, Array] | None:
+  return None if x is None else (jnp.min(x), jnp.max(x))
+
+
+def _state(cfg: Config, heads: Heads, i, j, aux: Aux, q_tile: QTile, kv: KVTile) -> Array:
   """HIDDEN, PARTIAL or FULL for tile (i, j) of this head group."""
   q_first = heads.q0 + i * cfg.bq
   kv_first = heads.kv0 + j * cfg.bk
@@ -174,6 +208,7 @@ def _state(cfg: Config, heads: Heads, i, j, aux: Aux) -> Array:
     more = ((aux.state != HIDDEN, aux.state == FULL),)
   if cfg.mask_mod is not None and not cfg.mod_mapped:
     more = (*more, (True, False))  # a mask_mod without its tile map: any tile may be partial
+  # Padded rows and columns repeat the last segment id and position: ranges are the true ones.
   return _masks.tile_state(
     cfg.mask,
     q_first,
@@ -182,14 +217,18 @@ def _state(cfg: Config, heads: Heads, i, j, aux: Aux) -> Array:
     kv_first + cfg.bk - 1,
     q_len=heads.q_len,
     kv_len=heads.kv_len,
+    q_range=_range(q_tile.pos),
+    kv_range=_range(kv.pos),
+    q_segments=_range(q_tile.seg),
+    kv_segments=_range(kv.seg),
     more=more,
   )
 
 
-def _valid(cfg: Config, heads: Heads, t: Tile, aux: Aux, mods: Mods, shape) -> Array:
+def _valid(cfg: Config, t: Tile, rows, aux: Aux, mods: Mods, shape) -> Array:
   """Which (query, key) pairs of a PARTIAL tile may attend: ``(G, bq, bk)`` bool."""
   valid = _masks.visible(
-    cfg.mask, t.b, t.h, t.q, t.kv, q_len=heads.q_len, kv_len=heads.kv_len, dense=aux.mask
+    cfg.mask, t.b, t.h, t.q, t.kv, q=rows[0], kv=rows[1], dense=aux.mask, with_mod=False
   )
   if cfg.mask_mod is not None:
     by_mod = apply_mod(cfg.mask_mod._replace(consts=mods.mask), *_for_mods(cfg, t))
@@ -203,17 +242,25 @@ def _scores(cfg: Config, qi: Array, kj: Array) -> Array:
   return s if cfg.scale is None else s * cfg.scale
 
 
-def _score_fn(cfg: Config, t: Tile, mods: Mods, bias):
-  """``s -> mod(s + bias)``: the scores of a tile from ``q . k`` (and the mod's arrays)."""
+def _score_fn(cfg: Config, t: Tile, rows, bias):
+  """``(s, mod arrays, slopes) -> scores``: a tile's scores from ``q . k``
+  (:func:`jattn._spec.modify_scores`: bias, ALiBi, score_mod, soft cap)."""
 
-  def fn(s, score_consts):
+  def fn(s, score_consts, slopes):
     if bias is not None:
       s = s + jnp.broadcast_to(bias, s.shape).astype(s.dtype)
-    if cfg.score_mod is not None:
-      s = apply_mod(cfg.score_mod._replace(consts=score_consts), s, *_for_mods(cfg, t)).astype(
-        s.dtype
-      )
-    return s
+    distance = None
+    if slopes is not None:
+      q_pos, kv_pos = _masks.positions(cfg.mask, t.q, t.kv, *rows)
+      distance = jnp.abs(q_pos - kv_pos)
+    return modify_scores(
+      s,
+      slopes=None if slopes is None else slopes.reshape(-1, 1, 1),
+      distance=distance,
+      score_mod=None if cfg.score_mod is None else cfg.score_mod._replace(consts=score_consts),
+      mod_args=_for_mods(cfg, t),
+      soft_cap=cfg.soft_cap,
+    )
 
   return fn
 
@@ -243,8 +290,8 @@ def _sweep(tile_fn, q_side: QTile, heads: Heads, aux: Aux, mods: Mods) -> Any:
   return jax.lax.map(per_head, (q_side, heads, aux_head))
 
 
-def _kv_scan(cfg: Config, i, heads: Heads, aux: Aux, step, init, remat=False):
-  """Scans ``step(carry, j, k, v, dk, dv, aux, masked)`` over the key tiles of one head group.
+def _kv_scan(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, step, init, remat=False):
+  """Scans ``step(carry, j, kv_tile, aux, masked)`` over the key tiles of one head group.
 
   Hidden tiles keep the carry; full tiles run ``step`` without the element mask.
   With ``remat``, the whole step, tile skipping included, is recomputed in the
@@ -254,20 +301,20 @@ def _kv_scan(cfg: Config, i, heads: Heads, aux: Aux, step, init, remat=False):
   blocks: O(T * S / block_q) memory.)
   """
   aux_kv, aux_c = _split(aux)
-  blocks = (heads.k, heads.v, heads.dk, heads.dv)
+  blocks = KVTile(heads.k, heads.v, heads.dk, heads.dv, heads.kv_seg, heads.kv_pos)
   xs = (jnp.arange(cfg.nk), blocks, aux_kv)
 
   def body(carry, xs):
-    j, blk, aux_j = xs
+    j, kv, aux_j = xs
     aux_j = _merge(aux_j, aux_c)
     if not cfg.masked:
-      return step(carry, j, *blk, aux_j, False), None
+      return step(carry, j, kv, aux_j, False), None
     branches = (
       lambda: carry,  # HIDDEN
-      lambda: step(carry, j, *blk, aux_j, True),  # PARTIAL
-      lambda: step(carry, j, *blk, aux_j, False),  # FULL
+      lambda: step(carry, j, kv, aux_j, True),  # PARTIAL
+      lambda: step(carry, j, kv, aux_j, False),  # FULL
     )
-    return jax.lax.switch(_state(cfg, heads, i, j, aux_j), branches), None
+    return jax.lax.switch(_state(cfg, heads, i, j, aux_j, q_tile, kv), branches), None
 
   if remat:
     body = jax.checkpoint(body)
@@ -284,12 +331,13 @@ def _forward_tile(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, mods: M
   D = heads.v.shape[-1]
   f32 = compute_dtype(q.dtype)
 
-  def step(carry, j, k, v, _dk, _dv, aux_j, masked):
+  def step(carry, j, kv, aux_j, masked):
     m, l, acc, (ps, mx) = carry
     t = _tile(cfg, heads, i, j)
-    s = _score_fn(cfg, t, mods, aux_j.bias)(_scores(cfg, q, k), mods.score)
+    rows = _rows(heads, q_tile, kv)
+    s = _score_fn(cfg, t, rows, aux_j.bias)(_scores(cfg, q, kv.k), mods.score, heads.slopes)
     if masked:
-      s = jnp.where(_valid(cfg, heads, t, aux_j, mods, s.shape), s, -jnp.inf)
+      s = jnp.where(_valid(cfg, t, rows, aux_j, mods, s.shape), s, -jnp.inf)
     m_new = jnp.maximum(m, jax.lax.stop_gradient(jnp.max(s, axis=-1)))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.exp(s - m_safe[..., None])
@@ -297,7 +345,7 @@ def _forward_tile(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, mods: M
     l = l * correction + jnp.sum(p, axis=-1)
     keep = _keep(cfg, j, q_tile)
     p_out = p if keep is None else jnp.where(keep, p / (1.0 - cfg.dropout_rate), 0.0)
-    pv = jnp.einsum("gqk,kd->gqd", p_out.astype(v.dtype), v, preferred_element_type=f32)
+    pv = jnp.einsum("gqk,kd->gqd", p_out.astype(kv.v.dtype), kv.v, preferred_element_type=f32)
     acc = acc * correction[..., None] + pv
     if stats:  # running sum of p * s, for the entropy lse - E_p[s]
       ps = ps * correction + jnp.sum(jnp.where(p > 0, p * s, 0.0), axis=-1)
@@ -312,7 +360,7 @@ def _forward_tile(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, mods: M
     jnp.zeros((G, bq, D), f32),
     (jnp.zeros((G, bq), f32), jnp.full((G, bq), -jnp.inf, f32)),
   )
-  m, l, acc, (ps, mx) = _kv_scan(cfg, i, heads, aux, step, init)
+  m, l, acc, (ps, mx) = _kv_scan(cfg, i, q_tile, heads, aux, step, init)
   attended = l > 0
   l_safe = jnp.where(attended, l, 1.0)
   out = jnp.where(attended[..., None], acc / l_safe[..., None], 0.0)
@@ -343,32 +391,37 @@ def _tangent_tile(cfg: Config, d_score: tuple, i, q_tile: QTile, heads: Heads, a
   q, dq, o, lse = q_tile.q, q_tile.dq, q_tile.o, q_tile.lse
   f32 = compute_dtype(q.dtype)
 
-  def step(carry, j, k, v, dk, dv, aux_j, masked):
+  def step(carry, j, kv, aux_j, masked):
     acc, c = carry
     t = _tile(cfg, heads, i, j)
-    raw = _scores(cfg, q, k)
-    d_raw = _scores(cfg, dq, k) + _scores(cfg, q, dk)
+    rows = _rows(heads, q_tile, kv)
+    raw = _scores(cfg, q, kv.k)
+    d_raw = _scores(cfg, dq, kv.k) + _scores(cfg, q, kv.dk)
     if aux_j.dbias is not None:
       d_raw = d_raw + jnp.broadcast_to(aux_j.dbias, d_raw.shape).astype(f32)
-    s, ds = jax.jvp(_score_fn(cfg, t, mods, aux_j.bias), (raw, mods.score), (d_raw, d_score))
+    s, ds = jax.jvp(
+      _score_fn(cfg, t, rows, aux_j.bias),
+      (raw, mods.score, heads.slopes),
+      (d_raw, d_score, heads.dslopes),
+    )
     p = jnp.exp(s - lse[..., None])
     if masked:
-      p = jnp.where(_valid(cfg, heads, t, aux_j, mods, s.shape), p, 0.0)
+      p = jnp.where(_valid(cfg, t, rows, aux_j, mods, s.shape), p, 0.0)
     pds = p * ds
     c = c + jnp.sum(pds, axis=-1)  # the log-sum-exp tangent: dropout does not enter it
     keep = _keep(cfg, j, q_tile)
     if keep is not None:
       p = jnp.where(keep, p / (1.0 - cfg.dropout_rate), 0.0)
       pds = p * ds
-    acc = acc + jnp.einsum("gqk,kd->gqd", pds, v.astype(f32))
-    acc = acc + jnp.einsum("gqk,kd->gqd", p, dv.astype(f32))
+    acc = acc + jnp.einsum("gqk,kd->gqd", pds, kv.v.astype(f32))
+    acc = acc + jnp.einsum("gqk,kd->gqd", p, kv.dv.astype(f32))
     return acc, c
 
   G, bq = q.shape[:2]
   D = heads.v.shape[-1]
   init = (jnp.zeros((G, bq, D), f32), jnp.zeros((G, bq), f32))
   # Rematerialised: reverse mode recomputes P from the saved log-sum-exp.
-  acc, c = _kv_scan(cfg, i, heads, aux, step, init, remat=True)
+  acc, c = _kv_scan(cfg, i, q_tile, heads, aux, step, init, remat=True)
   do = acc - c[..., None] * o.astype(f32)
   return do.astype(q.dtype), c
 
@@ -392,7 +445,9 @@ def _flash_jvp(cfg: Config, primals, tangents):
   d_q_side, d_heads, d_aux, d_mods = tangents
   out, lse = _flash(cfg, q_side, heads, aux, mods)
   tan_aux = aux._replace(dbias=None if aux.bias is None else d_aux.bias)
-  tan_heads = heads._replace(dk=d_heads.k, dv=d_heads.v)
+  tan_heads = heads._replace(
+    dk=d_heads.k, dv=d_heads.v, dslopes=None if heads.slopes is None else d_heads.slopes
+  )
   tan_q = q_side._replace(dq=d_q_side.q, o=out, lse=lse)
   d_score = tuple(map(_float_tangent, mods.score, d_mods.score))
   do, dlse = _sweep(functools.partial(_tangent_tile, cfg, d_score), tan_q, tan_heads, tan_aux, mods)
@@ -494,7 +549,20 @@ def run(call: Call, want_stats: bool = False):
     limit = jnp.asarray(m.kv_start, jnp.int32) + S
     kv_len = limit if kv_len is None else jnp.minimum(kv_len, limit)
   group = jnp.arange(B * K, dtype=jnp.int32)
+
+  def per_token(x, n, size):  # (..., L) -> (BK, n, size), padded with the last value
+    if x is None:
+      return None
+    x = jnp.repeat(x.reshape(B, x.shape[-1]), K, axis=0)
+    return jnp.pad(x, ((0, 0), (0, n * size - x.shape[-1])), mode="edge").reshape(-1, n, size)
+
+  slopes = None
+  if call.slopes is not None:
+    slopes = jnp.broadcast_to(call.slopes, (*batch, N)).reshape(B * K, G)
   heads_extra = dict(
+    kv_seg=per_token(m.kv_segments, nk, bk),
+    kv_pos=per_token(m.kv_positions, nk, bk),
+    slopes=slopes,
     b=group // K + jnp.asarray(m.b_start, jnp.int32),
     h0=(group % K) * G + jnp.asarray(m.h_start, jnp.int32),
     q0=per_group(m.q_start),
@@ -546,6 +614,7 @@ def run(call: Call, want_stats: bool = False):
     score_mod=None if score_mod is None else score_mod._replace(consts=()),
     mask_mod=None if mask_mod is None else mask_mod._replace(consts=()),
     mod_mapped=m.block_mask is not None,
+    soft_cap=call.soft_cap,
     dropout_rate=rate,
     dropout_impl=impl,
   )
@@ -560,7 +629,9 @@ def run(call: Call, want_stats: bool = False):
   k = _pad_axis(k, 2, nk * bk).reshape(B * K, nk, bk, H)
   v = value.reshape(B, S, K, D).transpose(0, 2, 1, 3)
   v = _pad_axis(v, 2, nk * bk).reshape(B * K, nk, bk, D)
-  q_side = QTile(q=q, rows=rows)
+  q_side = QTile(
+    q=q, seg=per_token(m.q_segments, nq, bq), pos=per_token(m.q_positions, nq, bq), rows=rows
+  )
   heads = Heads(k=k, v=v, **heads_extra)
 
   if want_stats:
@@ -586,6 +657,10 @@ def _static(m: _masks.Mask) -> Any:
   return m._replace(
     q_lengths=None,
     kv_lengths=None,
+    q_segments=None,
+    kv_segments=None,
+    q_positions=None,
+    kv_positions=None,
     dense=None,
     mask_mod=None,
     block_mask=None,

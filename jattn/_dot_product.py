@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jattn import _blockwise, _naive, _ring, _spec
@@ -59,6 +60,27 @@ def dot_product_attention(
         arrays it closes over, in every AD mode.
       - ``block_mask``: a :class:`jattn.BlockMask` from :func:`jattn.block_mask`
         for the same ``mask_mod``: the blockwise path skips the tiles it hides.
+      - ``q_segment_ids`` ``(..., T)``, ``kv_segment_ids`` ``(..., S)``: integer
+        document ids of packed sequences; a query attends only keys of its own
+        segment (with ``is_causal``, causally within it). Tiles whose id
+        ranges cannot meet are skipped. With ``T == S`` one of them serves both.
+      - ``q_positions`` ``(..., T)``, ``kv_positions`` ``(..., S)``: integer
+        positions that replace the index (and ``alignment``) for ``is_causal``,
+        windows, chunks and ALiBi, e.g. restarting at each document. Any order
+        is allowed: causal means "key position <= query position", element by
+        element (tiles are skipped from per-tile ranges, best when sorted).
+      - ``attention_chunk_size``: ``C``: a query attends only keys in its own
+        chunk of ``C`` positions (``position // C`` equal); with ``is_causal``,
+        Llama 4's chunked causal attention.
+      - ``alibi_slopes``: ``(N,)`` or ``(..., N)`` floats: ALiBi adds
+        ``-slope * |q_pos - kv_pos|`` to the scores (under ``is_causal`` the
+        usual one-sided form); :func:`jattn.alibi_slopes` gives the paper's.
+      - ``logits_soft_cap``: ``c > 0``: scores become ``c * tanh(s / c)`` (Gemma 2),
+        applied last, after bias, ALiBi and ``score_mod``, before masking.
+      - ``sinks``: ``(N,)`` float logits, one per query head: each row's softmax
+        denominator gets ``exp(sink)``, a key with no value (gpt-oss), so a
+        query may attend "nothing". Differentiable; the returned log-sum-exp
+        includes it.
       - ``implementation``: ``"naive"`` materialises the ``(..., N, T, S)`` scores
         (the only path that can return them); ``"blockwise"`` streams tiles
         with an online softmax in O(T + S) memory, differentiable in forward
@@ -121,6 +143,15 @@ def dot_product_attention(
     ...   trained = optax.apply_updates(trained, updates)
     >>> bool(loss(trained) < loss(table))
     True
+
+    Packed documents (two of 3 and 2 tokens), ALiBi, soft-capping and sinks:
+
+    >>> docs = jnp.array([0, 0, 0, 1, 1])
+    >>> out = jattn.dot_product_attention(
+    ...     q, k, v, is_causal=True, q_segment_ids=docs, alibi_slopes=jattn.alibi_slopes(4),
+    ...     logits_soft_cap=30.0, sinks=jnp.zeros(4))
+    >>> out.shape
+    (2, 5, 4, 8)
   """
   call = _spec.describe(query, key, value, _spec.options("dot_product_attention", options))
   return run(call)
@@ -132,13 +163,18 @@ def run(call: _spec.Call) -> Array | tuple[Array, ...]:
     return _ring.run(call)
   if call.implementation == "blockwise":
     out, lse = _blockwise.run(call)
+    if call.sinks is not None:
+      out, lse = _spec.add_sinks(out, lse, call.sinks)
     return (out, lse) if call.return_lse else out
   steps = _naive.run(call)
   results = [steps.output]
   if call.return_weights:
     results.append(steps.weights.astype(steps.output.dtype))
   if call.return_lse:
-    results.append(_naive.masked_logsumexp(steps.scores, steps.mask))
+    lse = _naive.masked_logsumexp(steps.scores, steps.mask)
+    if call.sinks is not None:
+      lse = jnp.logaddexp(lse, _spec.sink_logits(call.sinks, lse))
+    results.append(lse)
   return results[0] if len(results) == 1 else tuple(results)
 
 
@@ -197,7 +233,9 @@ def attention_weights(
   if index.shape[0] == 0:
     raise ValueError(f"queries {queries!r} selects none of the {T} queries.")
   scores, mask = _naive.scores_and_mask(call, index.astype(jnp.int32))
-  return _naive.masked_softmax(scores, mask)
+  weights = _naive.masked_softmax(scores, mask)
+  share = _naive.sink_share(call, scores, mask)
+  return weights if share is None else weights * share
 
 
 def attention_stats(query: Array, key: Array, **options: Any) -> dict[str, Array]:
@@ -217,6 +255,7 @@ def attention_stats(query: Array, key: Array, **options: Any) -> dict[str, Array
     A dict of ``(..., N, T)`` float32 arrays: ``"lse"`` (``-inf`` for a query
     that attends nothing), ``"entropy"`` (nats; 0 for one attended key, ``log n``
     for uniform weights over ``n``) and ``"max_weight"`` (0 if nothing is attended).
+    With ``sinks`` the log-sum-exp and the entropy count the sink as one more key.
 
   Examples:
     >>> import jax.numpy as jnp, jattn
@@ -238,4 +277,13 @@ def attention_stats(query: Array, key: Array, **options: Any) -> dict[str, Array
   values = jnp.zeros((*key.shape[:-1], 1), key.dtype)  # the statistics need no values
   call = _spec.describe(query, key, values, opts)._replace(implementation="blockwise")
   _, lse, stats = _blockwise.run(call, want_stats=True)
+  if call.sinks is not None:  # the sink takes 1 - share of each row's weight
+    sink = _spec.sink_logits(call.sinks, lse)
+    share = jax.nn.sigmoid(lse - sink)
+    lse = jnp.logaddexp(lse, sink)
+    entr = jax.scipy.special.entr
+    stats = {
+      "entropy": share * stats["entropy"] + entr(share) + entr(1.0 - share),
+      "max_weight": share * stats["max_weight"],
+    }
   return {"lse": lse, **stats}

@@ -172,6 +172,40 @@ def sliding_window_mask(
   return jnp.ones((q_len, kv_len), dtype=bool) if mask is None else mask
 
 
+def alibi_slopes(num_heads: int) -> jax.Array:
+  """ALiBi's per-head slopes (Press et al., 2022), for any number of heads.
+
+  For ``N`` a power of two, the geometric sequence ``2^(-8/N), 2^(-16/N), ...,
+  2^(-8)``; otherwise those of the power of two below ``N`` followed by every
+  other slope of twice that, as in the paper's reference code. Pass them as
+  ``alibi_slopes=`` to add ``-slope * |q_pos - kv_pos|`` to the scores.
+
+  Args:
+    num_heads: ``N``, the number of query heads.
+
+  Returns:
+    ``(N,)`` float32 slopes.
+
+  Examples:
+    >>> import jattn
+    >>> jattn.alibi_slopes(4)  # 2^-2, 2^-4, 2^-6, 2^-8
+    Array([0.25      , 0.0625    , 0.015625  , 0.00390625], dtype=float32)
+
+  References:
+    Press, Smith & Lewis, "Train Short, Test Long: Attention with Linear Biases
+    Enables Input Length Extrapolation", arXiv:2108.12409.
+  """
+  n = check_length("num_heads", num_heads)
+
+  def geometric(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+
+  below = 2 ** math.floor(math.log2(n))
+  slopes = geometric(below) + geometric(2 * below)[0::2][: n - below]
+  return jnp.asarray(slopes, jnp.float32)
+
+
 def length_mask(lengths: jax.Array, size: int) -> jax.Array:
   """``(..., size)`` boolean: position ``j`` is valid iff ``j < lengths[...]``."""
   lengths = jnp.asarray(lengths)
@@ -317,6 +351,11 @@ class Mask(NamedTuple):
   dense: jax.Array | None  # bool, broadcastable to (..., N, T, S)
   mask_mod: Any  # jattn._spec.Mod | None
   block_mask: BlockMask | None
+  q_segments: jax.Array | None = None  # (..., T) int32 document ids; (..., S) for the keys
+  kv_segments: jax.Array | None = None
+  q_positions: jax.Array | None = None  # (..., T) int32: replace index + offset
+  kv_positions: jax.Array | None = None  # (..., S) int32: replace the key index
+  chunk: int | None = None  # attention_chunk_size
   q_start: Any = 0  # ints, or traced scalars
   kv_start: Any = 0
   b_start: Any = 0
@@ -332,12 +371,23 @@ class Mask(NamedTuple):
       or self.kv_lengths is not None
       or self.dense is not None
       or self.mask_mod is not None
+      or self.q_segments is not None
+      or self.chunk is not None
     )
 
   @property
   def structured(self) -> bool:
-    """Whether whole tiles can be hidden: then smaller key tiles pay."""
-    return self.anything and not (self.mask_mod is not None and self.block_mask is None)
+    """Whether a rule with a tile rule can hide whole tiles: then smaller key tiles pay."""
+    return (
+      self.is_causal
+      or self.window is not None
+      or self.q_lengths is not None
+      or self.kv_lengths is not None
+      or self.dense is not None
+      or self.block_mask is not None
+      or self.q_segments is not None
+      or self.chunk is not None
+    )
 
 
 def describe(
@@ -351,6 +401,9 @@ def describe(
   alignment: Any,
   mask_mod: Any,
   block_mask: Any,
+  segments: tuple[Any, Any] = (None, None),
+  positions: tuple[Any, Any] = (None, None),
+  chunk: int | None = None,
   q_start: Any = 0,
 ) -> Mask:
   """The :class:`Mask` of a call, checked against its dims (see :func:`jattn._spec.describe`,
@@ -385,8 +438,30 @@ def describe(
     dense=mask,
     mask_mod=mask_mod,
     block_mask=block_mask,
+    q_segments=segments[0],
+    kv_segments=segments[1],
+    q_positions=positions[0],
+    kv_positions=positions[1],
+    chunk=chunk,
     q_start=q_start,
   )
+
+
+class Rows(NamedTuple):
+  """Per-row (or per-column) data of the queries (keys) at hand, already taken for them,
+  shaped to broadcast against their scores: lengths bound the global index, segment
+  ids and explicit positions belong to each row."""
+
+  length: jax.Array | None = None
+  segment: jax.Array | None = None
+  position: jax.Array | None = None
+
+
+def positions(m: Mask, q_idx, kv_idx, q: Rows, kv: Rows) -> tuple[Any, Any]:
+  """Query and key positions: the explicit ones, else index (plus alignment offset)."""
+  q_pos = q_idx + m.offset if q.position is None else q.position
+  kv_pos = kv_idx if kv.position is None else kv.position
+  return q_pos, kv_pos
 
 
 def visible(
@@ -396,27 +471,31 @@ def visible(
   q_idx: jax.Array,
   kv_idx: jax.Array,
   *,
-  q_len: jax.Array | None,
-  kv_len: jax.Array | None,
+  q: Rows,
+  kv: Rows,
   dense: jax.Array | None,
   with_mod: bool = True,
 ) -> jax.Array | None:
   """Whether query ``q_idx`` may attend key ``kv_idx``: the element rule of every path.
 
   ``b``, ``h``, ``q_idx``, ``kv_idx`` are global indices that broadcast together
-  (e.g. ``(G, 1, 1)``, ``(bq, 1)``, ``(bk,)``); ``q_len``/``kv_len``/``dense`` are
-  the lengths and boolean mask already taken for these rows and columns. Keys at
-  or beyond ``S`` (padding of a tiled layout) are never visible. Returns None if
-  nothing is masked.
+  (e.g. ``(G, 1, 1)``, ``(bq, 1)``, ``(bk,)``); ``q``/``kv`` hold the lengths,
+  segment ids and positions of these rows and columns, ``dense`` the boolean mask
+  taken for them. Returns None if nothing is masked.
   """
   parts = []
-  positions = position_mask(q_idx + m.offset, kv_idx, is_causal=m.is_causal, window=m.window)
-  if positions is not None:
-    parts.append(positions)
-  if kv_len is not None:
-    parts.append(kv_idx < kv_len)
-  if q_len is not None:
-    parts.append(q_idx < q_len)
+  q_pos, kv_pos = positions(m, q_idx, kv_idx, q, kv)
+  by_position = position_mask(q_pos, kv_pos, is_causal=m.is_causal, window=m.window)
+  if by_position is not None:
+    parts.append(by_position)
+  if m.chunk is not None:
+    parts.append(jnp.floor_divide(q_pos, m.chunk) == jnp.floor_divide(kv_pos, m.chunk))
+  if q.segment is not None:
+    parts.append(q.segment == kv.segment)
+  if kv.length is not None:
+    parts.append(kv_idx < kv.length)
+  if q.length is not None:
+    parts.append(q_idx < q.length)
   if dense is not None:
     parts.append(dense)
   if with_mod and m.mask_mod is not None:
@@ -440,25 +519,43 @@ def tile_state(
   *,
   q_len: Any = None,
   kv_len: Any = None,
+  q_range: tuple[Any, Any] | None = None,
+  kv_range: tuple[Any, Any] | None = None,
+  q_segments: tuple[Any, Any] | None = None,
+  kv_segments: tuple[Any, Any] | None = None,
   more: tuple[tuple[Any, Any], ...] = (),
 ) -> jax.Array:
   """The tile rule: HIDDEN, PARTIAL or FULL for queries ``[q_first, q_last]`` against
   keys ``[kv_first, kv_last]`` (global indices, may be traced).
 
-  Positions, causal order, windows and lengths state their tile rule here directly;
-  ``more`` adds ``(any visible, all visible)`` of other rules (a boolean mask's
-  tiles, a block mask's). A tile is hidden if any rule hides it and full if every
-  rule shows all of it.
+  Positions, causal order, windows, chunks, segments and lengths state their tile
+  rule here directly, from ranges: ``q_range``/``kv_range`` are the ``(min, max)``
+  explicit positions of the tile's rows and columns (default: their indices,
+  offset by alignment), ``q_segments``/``kv_segments`` the ``(min, max)`` segment
+  ids. ``more`` adds ``(any visible, all visible)`` of other rules (a boolean
+  mask's tiles, a block mask's). A tile is hidden if any rule hides it and full if
+  every rule shows all of it; from ranges, "hidden" and "full" are exact for
+  sorted ids and positions and conservative otherwise.
   """
   anys, alls = list(m_any for m_any, _ in more), list(m_all for _, m_all in more)
-  qf, ql = q_first + m.offset, q_last + m.offset
+  qf, ql = (q_first + m.offset, q_last + m.offset) if q_range is None else q_range
+  kf, kl = (kv_first, kv_last) if kv_range is None else kv_range
   if m.is_causal:
-    anys.append(kv_first <= ql)
-    alls.append(kv_last <= qf)
+    anys.append(kf <= ql)
+    alls.append(kl <= qf)
   if m.window is not None:
     left, right = m.window
-    anys.append((kv_first <= ql + right) & (kv_last >= qf - left))
-    alls.append((kv_first >= ql - left) & (kv_last <= qf + right))
+    anys.append((kf <= ql + right) & (kl >= qf - left))
+    alls.append((kf >= ql - left) & (kl <= qf + right))
+  if m.chunk is not None:
+    cq = [jnp.floor_divide(x, m.chunk) for x in (qf, ql)]
+    ck = [jnp.floor_divide(x, m.chunk) for x in (kf, kl)]
+    anys.append((ck[0] <= cq[1]) & (cq[0] <= ck[1]))
+    alls.append((cq[0] == cq[1]) & (ck[0] == ck[1]) & (cq[0] == ck[0]))
+  if q_segments is not None:
+    (sq0, sq1), (sk0, sk1) = q_segments, kv_segments
+    anys.append((sk0 <= sq1) & (sq0 <= sk1))
+    alls.append((sq0 == sq1) & (sk0 == sk1) & (sq0 == sk0))
   if kv_len is not None:
     anys.append(kv_first < kv_len)
     alls.append(kv_last < kv_len)

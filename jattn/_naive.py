@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _dropout, _masks
-from jattn._spec import Array, Call, apply_mod, check_broadcast, check_scale, compute_dtype
+from jattn._spec import (
+  Array,
+  Call,
+  check_broadcast,
+  check_scale,
+  compute_dtype,
+  modify_scores,
+  sink_logits,
+)
 
 
 def attention_scores(q: Array, k: Array, *, scale: Any = None, bias: Array | None = None) -> Array:
@@ -215,6 +223,17 @@ def scores_and_mask(call: Call, q_index: Array | None = None) -> tuple[Array, Ar
   dims, m = call.dims, call.mask
   q, bias, dense = call.q, call.bias, m.dense
   rank = len(dims.batch) + 3
+
+  def per_query(x):  # (..., T) -> (..., 1, T', 1)
+    x = x if q_index is None else jnp.take(x, q_index, axis=-1)
+    return x[..., None, :, None]
+
+  def per_key(x):  # (..., S) -> (..., 1, 1, S)
+    return x[..., None, None, :]
+
+  def each(f, x):
+    return None if x is None else f(x)
+
   if q_index is not None:
     q = jnp.take(q, q_index, axis=-3)
     take = lambda x: x if x.shape[-2] == 1 else jnp.take(x, q_index, axis=-2)  # noqa: E731
@@ -224,22 +243,42 @@ def scores_and_mask(call: Call, q_index: Array | None = None) -> tuple[Array, Ar
   if bias is not None:
     scores = scores + jnp.broadcast_to(bias, scores.shape).astype(scores.dtype)
   b, h, q_idx, kv_idx = indices(call, q_index)
-  if call.score_mod is not None:
-    scores = apply_mod(call.score_mod, scores, b, h, q_idx, kv_idx).astype(scores.dtype)
   lengths = [
     None if x is None else x.reshape(*x.shape, 1, 1, 1) for x in (m.q_lengths, m.kv_lengths)
   ]
+  rows_q = _masks.Rows(lengths[0], each(per_query, m.q_segments), each(per_query, m.q_positions))
+  rows_kv = _masks.Rows(lengths[1], each(per_key, m.kv_segments), each(per_key, m.kv_positions))
+  slopes = None
+  if call.slopes is not None:
+    slopes = _full_rank(call.slopes, rank - 2)[..., None, None]  # (..., N, 1, 1)
+  q_pos, kv_pos = _masks.positions(m, q_idx, kv_idx, rows_q, rows_kv)
+  scores = modify_scores(
+    scores,
+    slopes=slopes,
+    distance=None if slopes is None else jnp.abs(q_pos - kv_pos),
+    score_mod=call.score_mod,
+    mod_args=(b, h, q_idx, kv_idx),
+    soft_cap=call.soft_cap,
+  )
   mask = _masks.visible(
     m,
     b,
     h,
     q_idx,
     kv_idx,
-    q_len=lengths[0],
-    kv_len=lengths[1],
+    q=rows_q,
+    kv=rows_kv,
     dense=None if dense is None else _full_rank(dense, rank),
   )
   return scores, mask
+
+
+def sink_share(call: Call, scores: Array, mask: Array | None) -> Array | None:
+  """``(..., N, T, 1)``: the share of each row's weight left by the sinks, or None."""
+  if call.sinks is None:
+    return None
+  lse = masked_logsumexp(scores, mask)
+  return jax.nn.sigmoid(lse - sink_logits(call.sinks, lse))[..., None]
 
 
 def run(call: Call) -> Steps:
@@ -250,6 +289,9 @@ def run(call: Call) -> Steps:
   """
   scores, mask = scores_and_mask(call)
   weights = masked_softmax(scores, mask)
+  share = sink_share(call, scores, mask)
+  if share is not None:
+    weights = weights * share
   if call.dropout is not None:
     weights = _dropout.apply(call.dropout, weights, call.dims.batch)
   return Steps(scores, mask, weights, _weighted_sum(weights, call.v))

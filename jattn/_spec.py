@@ -67,6 +67,14 @@ class Options:
   mask_mod: Callable | None = None
   score_mod: Callable | None = None
   block_mask: Any = None
+  q_segment_ids: Any = None
+  kv_segment_ids: Any = None
+  q_positions: Any = None
+  kv_positions: Any = None
+  attention_chunk_size: Any = None
+  alibi_slopes: Any = None
+  logits_soft_cap: Any = None
+  sinks: Any = None
   implementation: Any = "auto"
   block_q: Any = None
   block_kv: Any = None
@@ -194,6 +202,9 @@ class Call(NamedTuple):
   bias: Array | None
   mask: _masks.Mask
   score_mod: Mod | None
+  slopes: Array | None  # ALiBi slopes (..., N), broadcastable to (*batch, N)
+  soft_cap: float | None
+  sinks: Array | None  # (N,) sink logits
   dropout: _dropout.Dropout | None
   implementation: Any  # "naive", "blockwise" or a jattn.Ring (resolved)
   block_q: int | None
@@ -313,6 +324,134 @@ def check_lengths(name: str, lengths: Any, batch: tuple[int, ...]) -> Array | No
   return lengths.astype(jnp.int32)
 
 
+def check_per_token(name: str, x: Any, batch: tuple[int, ...], length: int) -> Array | None:
+  """``(..., length)`` integers (segment ids, positions) as int32 ``(*batch, length)``."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be integers, got dtype {x.dtype}.")
+  ok = x.ndim >= 1 and x.shape[-1] == length
+  if ok:
+    try:
+      ok = np.broadcast_shapes(x.shape[:-1], batch) == tuple(batch)
+    except ValueError:
+      ok = False
+  if not ok:
+    raise ValueError(
+      f"{name} must have shape (..., {length}) (one per position, leading dims broadcasting "
+      f"to the batch {tuple(batch)}), got {x.shape}."
+    )
+  return jnp.broadcast_to(x.astype(jnp.int32), (*batch, length))
+
+
+def check_token_pair(
+  names: tuple[str, str], q_x: Any, kv_x: Any, dims: Dims
+) -> tuple[Array | None, Array | None]:
+  """Per-query and per-key integers; one of them alone serves both when ``T == S``."""
+  if (q_x is None) != (kv_x is None):
+    given, missing = names if kv_x is None else names[::-1]
+    if dims.T != dims.S:
+      raise ValueError(
+        f"{given} needs {missing} too: the query and key lengths differ ({dims.T} != {dims.S})."
+      )
+    q_x = kv_x = q_x if kv_x is None else kv_x
+  return (
+    check_per_token(names[0], q_x, dims.batch, dims.T),
+    check_per_token(names[1], kv_x, dims.batch, dims.S),
+  )
+
+
+def check_slopes(slopes: Any, dims: Dims) -> Array | None:
+  """ALiBi slopes ``(N,)`` or ``(..., N)``, floating."""
+  if slopes is None:
+    return None
+  slopes = jnp.asarray(slopes)
+  if not jnp.issubdtype(slopes.dtype, jnp.floating):
+    raise TypeError(f"alibi_slopes must be floating point, got dtype {slopes.dtype}.")
+  ok = slopes.ndim >= 1 and slopes.shape[-1] == dims.N
+  if ok:
+    try:
+      ok = np.broadcast_shapes(slopes.shape[:-1], dims.batch) == dims.batch
+    except ValueError:
+      ok = False
+  if not ok:
+    raise ValueError(
+      f"alibi_slopes must have shape (N,) or (..., N) for the {dims.N} query heads and batch "
+      f"{dims.batch}, got {slopes.shape}."
+    )
+  return slopes
+
+
+def check_soft_cap(cap: Any) -> float | None:
+  """``logits_soft_cap``: a positive, finite Python number."""
+  if cap is None:
+    return None
+  if (
+    isinstance(cap, (jax.core.Tracer, bool, np.bool_)) or np.ndim(cap) != 0 or not np.isrealobj(cap)
+  ):
+    raise TypeError(f"logits_soft_cap must be a positive Python float, got {cap!r}.")
+  cap = float(cap)
+  if not (cap > 0 and math.isfinite(cap)):
+    raise ValueError(f"logits_soft_cap must be positive and finite, got {cap}.")
+  return cap
+
+
+def check_sinks(sinks: Any, dims: Dims) -> Array | None:
+  """Sink logits ``(N,)``, floating: one per query head."""
+  if sinks is None:
+    return None
+  sinks = jnp.asarray(sinks)
+  if not jnp.issubdtype(sinks.dtype, jnp.floating):
+    raise TypeError(f"sinks must be floating point, got dtype {sinks.dtype}.")
+  if sinks.shape != (dims.N,):
+    raise ValueError(
+      f"sinks must have shape (N,) = ({dims.N},), one per query head, got {sinks.shape}."
+    )
+  return sinks
+
+
+def modify_scores(
+  s: Array,
+  *,
+  slopes: Array | None,
+  distance: Array | None,
+  score_mod: Mod | None,
+  mod_args: tuple[Array, ...],
+  soft_cap: float | None,
+) -> Array:
+  """What every path does to ``scale * q . k + bias``: ALiBi, ``score_mod``, the soft cap.
+
+  ``slopes`` and ``distance`` (``|q_pos - kv_pos|``) broadcast against ``s``;
+  ``mod_args`` are the ``(b, h, q_idx, kv_idx)`` the mod sees.
+  """
+  if slopes is not None:
+    s = s - slopes.astype(s.dtype) * distance.astype(s.dtype)
+  if score_mod is not None:
+    s = apply_mod(score_mod, s, *mod_args).astype(s.dtype)
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  return s
+
+
+def sink_logits(sinks: Array, lse: Array) -> Array:
+  """Sinks ``(N,)`` shaped ``(1.., N, 1)`` against a log-sum-exp ``(..., N, T)``."""
+  return sinks.astype(lse.dtype).reshape((1,) * (lse.ndim - 2) + (-1, 1))
+
+
+def add_sinks(out: Array, lse: Array, sinks: Array) -> tuple[Array, Array]:
+  """Adds ``exp(sink)`` to each row's softmax denominator (a key with no value).
+
+  ``out (..., T, N, D)`` and ``lse (..., N, T)`` of the attention without sinks
+  become those with them: the weights shrink by ``exp(lse) / (exp(lse) + exp(sink))``,
+  in float32 at least (so the sinks' gradient accumulates in it).
+  """
+  sink = sink_logits(sinks, lse)
+  share = jax.nn.sigmoid(lse - sink)  # exp(lse - logaddexp(lse, sink)); 0 for lse = -inf
+  scaled = out.astype(lse.dtype) * jnp.moveaxis(share, -1, -2)[..., None]
+  return scaled.astype(out.dtype), jnp.logaddexp(lse, sink)
+
+
 def check_block(name: str, value: Any) -> int | None:
   return None if value is None else _masks.check_length(name, value)
 
@@ -379,6 +518,13 @@ def describe(
     alignment=opts.alignment,
     mask_mod=check_mod("mask_mod", opts.mask_mod, dtype),
     block_mask=opts.block_mask,
+    segments=check_token_pair(
+      ("q_segment_ids", "kv_segment_ids"), opts.q_segment_ids, opts.kv_segment_ids, dims
+    ),
+    positions=check_token_pair(
+      ("q_positions", "kv_positions"), opts.q_positions, opts.kv_positions, dims
+    ),
+    chunk=check_block("attention_chunk_size", opts.attention_chunk_size),
     q_start=q_start,
   )
   block_q, block_kv = check_block("block_q", opts.block_q), check_block("block_kv", opts.block_kv)
@@ -393,6 +539,9 @@ def describe(
     bias=bias,
     mask=mask,
     score_mod=check_mod("score_mod", opts.score_mod, dtype),
+    slopes=check_slopes(opts.alibi_slopes, dims),
+    soft_cap=check_soft_cap(opts.logits_soft_cap),
+    sinks=check_sinks(opts.sinks, dims),
     dropout=_dropout.check_dropout(opts.dropout_rate, opts.dropout_rng, opts.deterministic),
     implementation=_resolve(opts.implementation, dims, return_weights),
     block_q=block_q,

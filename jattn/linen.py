@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _attention, _decode, _params
-from jattn._masks import Alignment
+from jattn._masks import Alignment, alibi_slopes
 
 Array = jax.Array
 
@@ -45,8 +45,11 @@ class MultiHeadAttention(nn.Module):
     stddev: for ``kernel_init="normal"``.
     dtype: the computation dtype (default: inferred from inputs and params).
     param_dtype: the dtype of the parameters.
-    scale, is_causal, local_window_size, alignment, implementation, block_q,
-      block_kv: as in :func:`jattn.dot_product_attention`.
+    scale, is_causal, local_window_size, alignment, attention_chunk_size,
+      logits_soft_cap, implementation, block_q, block_kv: as in
+      :func:`jattn.dot_product_attention`.
+    alibi: add ALiBi's ``-slope * |q_pos - kv_pos|`` with
+      :func:`jattn.alibi_slopes` of ``num_heads``.
     dropout_rate: dropout on the attention weights, drawn from the ``"dropout"``
       rng stream and keyed by position (see :func:`jattn.dot_product_attention`).
     deterministic: default for the call argument of the same name.
@@ -71,6 +74,9 @@ class MultiHeadAttention(nn.Module):
   is_causal: bool = False
   local_window_size: int | tuple[int, int] | None = None
   alignment: Alignment = "bottom_right"
+  attention_chunk_size: int | None = None
+  logits_soft_cap: float | None = None
+  alibi: bool = False
   implementation: str = "auto"
   block_q: int | None = None
   block_kv: int | None = None
@@ -112,6 +118,10 @@ class MultiHeadAttention(nn.Module):
     mask_mod: Callable | None = None,
     score_mod: Callable | None = None,
     block_mask: Any = None,
+    q_segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
+    q_positions: Array | None = None,
+    kv_positions: Array | None = None,
     deterministic: bool | None = None,
     sow_weights: bool = False,
   ) -> Array:
@@ -121,8 +131,9 @@ class MultiHeadAttention(nn.Module):
       inputs_q: ``(..., T, F)``.
       inputs_kv: ``(..., S, Fkv)`` (default ``inputs_q``: self-attention).
       mask, bias, query_seq_lengths, key_value_seq_lengths, mask_mod, score_mod,
-        block_mask: as in :func:`jattn.dot_product_attention` (masks and biases
-        broadcast against ``(..., N, T, S)``).
+        block_mask, q_segment_ids, kv_segment_ids, q_positions, kv_positions: as in
+        :func:`jattn.dot_product_attention` (masks and biases broadcast against
+        ``(..., N, T, S)``).
       deterministic: True turns dropout off; with ``dropout_rate > 0`` it must be
         given here or as the attribute (Flax's convention).
       sow_weights: store the attention weights ``(..., N, T, S)`` in the
@@ -148,6 +159,13 @@ class MultiHeadAttention(nn.Module):
       key_value_seq_lengths=key_value_seq_lengths,
       mask_mod=mask_mod,
       score_mod=score_mod,
+      q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
+      attention_chunk_size=self.attention_chunk_size,
+      logits_soft_cap=self.logits_soft_cap,
+      alibi_slopes=alibi_slopes(self.num_heads) if self.alibi else None,
       implementation=self.implementation,
       block_q=self.block_q,
       block_kv=self.block_kv,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn import _attention, _decode, _params
-from jattn._masks import Alignment
+from jattn._masks import Alignment, alibi_slopes
 
 Array = jax.Array
 
@@ -70,8 +70,11 @@ class MultiHeadAttention(nnx.Module):
     stddev: for ``kernel_init="normal"``.
     dtype: the computation dtype (default: inferred from inputs and params).
     param_dtype: the dtype of the parameters.
-    scale, is_causal, local_window_size, alignment, implementation, block_q,
-      block_kv: as in :func:`jattn.dot_product_attention`.
+    scale, is_causal, local_window_size, alignment, attention_chunk_size,
+      logits_soft_cap, implementation, block_q, block_kv: as in
+      :func:`jattn.dot_product_attention`.
+    alibi: add ALiBi's ``-slope * |q_pos - kv_pos|`` with
+      :func:`jattn.alibi_slopes` of ``num_heads``.
     dropout_rate: dropout on the attention weights, keyed by position, drawn
       from the ``dropout`` stream of the call's ``rngs`` or of the ``rngs``
       given here.
@@ -99,6 +102,9 @@ class MultiHeadAttention(nnx.Module):
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,
     alignment: Alignment = "bottom_right",
+    attention_chunk_size: int | None = None,
+    logits_soft_cap: float | None = None,
+    alibi: bool = False,
     implementation: str = "auto",
     block_q: int | None = None,
     block_kv: int | None = None,
@@ -129,6 +135,9 @@ class MultiHeadAttention(nnx.Module):
     self.options = dict(
       scale=scale,
       local_window_size=local_window_size,
+      attention_chunk_size=attention_chunk_size,
+      logits_soft_cap=logits_soft_cap,
+      alibi_slopes=tuple(map(float, alibi_slopes(num_heads))) if alibi else None,  # static
       implementation=implementation,
       block_q=block_q,
       block_kv=block_kv,
@@ -166,6 +175,10 @@ class MultiHeadAttention(nnx.Module):
     mask_mod: Callable | None = None,
     score_mod: Callable | None = None,
     block_mask: Any = None,
+    q_segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
+    q_positions: Array | None = None,
+    kv_positions: Array | None = None,
     deterministic: bool | None = None,
     rngs: nnx.Rngs | None = None,
     sow_weights: bool = False,
@@ -173,8 +186,8 @@ class MultiHeadAttention(nnx.Module):
   ) -> Array:
     """Attends ``inputs_q (..., T, F)`` to ``inputs_kv (..., S, Fkv)`` (default: itself).
 
-    ``mask``, ``bias``, the lengths, ``mask_mod``, ``score_mod`` and ``block_mask``
-    are as in :func:`jattn.dot_product_attention`;
+    ``mask``, ``bias``, the lengths, ``mask_mod``, ``score_mod``, ``block_mask``,
+    the segment ids and positions are as in :func:`jattn.dot_product_attention`;
     ``sow_weights`` stores the weights ``(..., N, T, S)`` as an ``nnx.Intermediate``
     named ``attention_weights``; ``decode`` runs :func:`jattn.decode_step` on the
     cache made by :meth:`init_cache`. Returns ``(..., T, O)`` (or ``(..., T, N * D)``).
@@ -186,6 +199,10 @@ class MultiHeadAttention(nnx.Module):
       key_value_seq_lengths=key_value_seq_lengths,
       mask_mod=mask_mod,
       score_mod=score_mod,
+      q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
     )
     if block_mask is not None:  # decode_step takes none: its tiles move with the cache
       options["block_mask"] = block_mask

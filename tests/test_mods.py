@@ -370,7 +370,7 @@ def test_built_in_tile_rule_agrees_with_the_element_rule(
   )
   q = jnp.arange(q_first, q_first + q_size)[:, None]
   kv = jnp.arange(kv_first, kv_first + kv_size)[None, :]
-  elements = _masks.visible(m, 0, 0, q, kv, q_len=None, kv_len=kv_len, dense=None)
+  elements = _masks.visible(m, 0, 0, q, kv, q=_masks.Rows(), kv=_masks.Rows(kv_len), dense=None)
   elements = jnp.ones((q_size, kv_size), bool) if elements is None else elements
   state = _masks.tile_state(
     m, q_first, q_first + q_size - 1, kv_first, kv_first + kv_size - 1, kv_len=kv_len
