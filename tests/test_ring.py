@@ -80,14 +80,16 @@ def test_two_processes_joined_by_jax_distributed():
     assert f"OK process {process_id}/2: 4 local of 8 devices, 16 shards checked" in output
 
 
-def test_one_device_ring_equals_blockwise_and_rejects_forward_mode(rng):
+def test_one_device_ring_equals_blockwise_in_both_modes(rng):
   mesh = jax.make_mesh((1,), ("seq",))
   q, k, v = (normal(rng, (2, 9, 2, 4)) for _ in range(3))
   ring = jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True)
   np.testing.assert_allclose(ring, jattn.dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
-  # Reverse mode only (a custom VJP): JAX refuses the JVP (its message varies by version).
-  with pytest.raises(TypeError):
-    jax.jvp(lambda q: jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq"), (q,), (q,))
+  tangent = jax.jvp(
+    lambda q: jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True), (q,), (k,)
+  )[1]
+  want = jax.jvp(lambda q: jattn.dot_product_attention(q, k, v, is_causal=True), (q,), (k,))[1]
+  np.testing.assert_allclose(tangent, want, atol=1e-5)
 
 
 def test_ring_option_errors(rng):

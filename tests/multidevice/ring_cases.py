@@ -3,6 +3,8 @@
 XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/multidevice/ring_cases.py
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,7 +117,7 @@ def test_output_stays_sharded_over_the_sequence():
   mesh = jax.make_mesh((8,), ("seq",))
   q, k, v = qkv((1,), 64, 64, 2, 2)
   out = jax.jit(lambda q, k, v: jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq"))(q, k, v)
-  assert out.sharding.spec == P(None, "seq", None, None)
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "seq", None, None)), out.ndim)
   assert {s.data.shape for s in out.addressable_shards} == {(1, 8, 2, 8)}
 
 
@@ -237,3 +239,98 @@ def test_mods_with_captured_arrays_equal_single_device(layout):
   for got, want in zip(grads[:3], expected[:3], strict=True):
     np.testing.assert_allclose(np.asarray(got)[:, natural], want, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(grads[3], expected[3], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_variants_equal_single_device_in_both_ad_modes(layout):
+  # Data x seq x heads; packed documents with restarting positions, chunked causal, ALiBi,
+  # a soft cap and sinks; outputs, lse, gradients (sinks and slopes too) and JVPs.
+  mesh = jax.make_mesh((2, 2, 2), ("data", "seq", "heads"))
+  T = 24
+  q, k, v = qkv((2,), T, T, 4, 2)
+  lengths = [[5, 11, 8], [16, 8]]
+  seg = jnp.asarray([np.repeat(np.arange(len(r)), r) for r in lengths], jnp.int32)
+  pos = jnp.asarray([np.concatenate([np.arange(n) for n in r]) for r in lengths], jnp.int32)
+  order = jattn.zigzag_order(T, 2) if layout == "zigzag" else np.arange(T)
+  natural = np.argsort(order)
+  sinks, slopes = jnp.array([0.5, -1.0, 2.0, 0.0]), jattn.alibi_slopes(4)
+
+  def options(seg, pos):
+    return dict(
+      is_causal=True,
+      q_segment_ids=seg,
+      q_positions=pos,
+      attention_chunk_size=6,
+      logits_soft_cap=3.0,
+    )
+
+  def ring(q, k, v, slopes, sinks):  # inputs and per-token ids in the layout's order
+    return jattn.ring_attention(
+      q,
+      k,
+      v,
+      mesh=mesh,
+      axis_name="seq",
+      batch_axis="data",
+      head_axis="heads",
+      layout=layout,
+      alibi_slopes=slopes,
+      sinks=sinks,
+      **options(seg[:, order], pos[:, order]),
+    )
+
+  def single(q, k, v, slopes, sinks):
+    return jattn.dot_product_attention(
+      q, k, v, implementation="naive", alibi_slopes=slopes, sinks=sinks, **options(seg, pos)
+    )
+
+  z = tuple(a[:, order] for a in (q, k, v))
+  out = np.asarray(jax.jit(ring)(*z, slopes, sinks))[:, natural]
+  np.testing.assert_allclose(out, single(q, k, v, slopes, sinks), atol=1e-5, rtol=1e-5)
+  ring_loss = lambda *a: loss(lambda q, k, v: ring(q, k, v, *a[3:]))(*a[:3])  # noqa: E731
+  single_loss = lambda *a: loss(lambda q, k, v: single(q, k, v, *a[3:]))(*a[:3])  # noqa: E731
+  grads = jax.jit(jax.grad(ring_loss, argnums=range(5)))(*z, slopes, sinks)
+  expected = jax.grad(single_loss, argnums=range(5))(q, k, v, slopes, sinks)
+  for got, want in zip(grads[:3], expected[:3], strict=True):
+    np.testing.assert_allclose(np.asarray(got)[:, natural], want, atol=1e-5, rtol=1e-5)
+  for got, want in zip(grads[3:], expected[3:], strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  r = np.random.default_rng(2)
+  tangents = [jnp.asarray(r.standard_normal(a.shape), jnp.float32) for a in (q, k, v, slopes)]
+  ring_jvp = jax.jit(lambda *a: jax.jvp(lambda q, k, v, s: ring(q, k, v, s, sinks), a[:4], a[4:]))
+  _, got = ring_jvp(*z, slopes, *(t[:, order] for t in tangents[:3]), tangents[3])
+  _, want = jax.jvp(
+    lambda q, k, v, s: single(q, k, v, s, sinks), (q, k, v, slopes), tuple(tangents)
+  )
+  np.testing.assert_allclose(np.asarray(got)[:, natural], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["Mesh(...)", "make_mesh"])
+@pytest.mark.parametrize("context", [False, True])
+def test_both_kinds_of_mesh_with_and_without_set_mesh(kind, context):
+  # jax.sharding.Mesh(...) has Auto axes, jax.make_mesh Explicit ones: outputs, gradients
+  # (eager and jitted) and JVPs on both, inside and outside a jax.set_mesh context.
+  if kind == "make_mesh":
+    mesh = jax.make_mesh((8,), ("seq",))
+  else:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("seq",))
+  q, k, v = qkv((2,), 32, 32, 2, 2)
+
+  def ring(q):
+    return jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True)
+
+  def single(q):
+    return jattn.dot_product_attention(q, k, v, is_causal=True, implementation="naive")
+
+  with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+    out = ring(q)
+    grad = jax.grad(lambda q: ring(q).sum())(q)
+    jit_grad = jax.jit(jax.grad(lambda q: ring(q).sum()))(q)
+    tangent = jax.jvp(ring, (q,), (jnp.ones_like(q),))[1]
+  np.testing.assert_allclose(out, single(q), atol=1e-5, rtol=1e-5)
+  want = jax.grad(lambda q: single(q).sum())(q)
+  np.testing.assert_allclose(grad, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(jit_grad, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    tangent, jax.jvp(single, (q,), (jnp.ones_like(q),))[1], atol=1e-5, rtol=1e-5
+  )
