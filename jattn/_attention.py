@@ -6,6 +6,7 @@ values); the parameter layout and letters are those of :mod:`jattn._params`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -41,7 +42,7 @@ def attention(params: Any, x_q: Array, x_kv: Array, **options: Any) -> Array | t
   """
   proj = _params.Projections(params)
   q, k, v = _params.project_qkv(proj, x_q, x_kv)
-  result = _dot_product.dot_product_attention(q, k, v, **options)
+  result = _dot_product.dot_product_attention(q, k, v, **proj.options(options))
   if isinstance(result, tuple):  # (heads, weights and/or lse)
     return _params.project_out(proj, result[0]), *result[1:]
   return _params.project_out(proj, result)
@@ -109,6 +110,7 @@ def explain(params: Any, x: Array, **options: Any) -> dict[str, Array | None]:
   x = jnp.asarray(x)
   proj = _params.Projections(params)
   q, k, v = _params.project_qkv(proj, x, x)
+  opts = dataclasses.replace(opts, **proj.options({"sinks": opts.sinks}))
   steps = _naive.run(_spec.describe(q, k, v, opts))
   group = proj.num_heads // k.shape[-2]
   v_per_head = jnp.repeat(v, group, axis=-2)  # (..., S, N, D)

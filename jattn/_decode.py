@@ -150,7 +150,9 @@ def decode_step(
     q,
     keys.astype(q.dtype),
     values.astype(q.dtype),
-    dataclasses.replace(opts, is_causal=True, alignment="top_left"),
+    dataclasses.replace(
+      opts, is_causal=True, alignment="top_left", **proj.options({"sinks": opts.sinks})
+    ),
     q_start=index,
   )
   heads = _dot_product.run(call)

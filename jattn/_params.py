@@ -6,7 +6,8 @@ a pytree moves between jattn and Flax with no conversion::
   {"query": {"kernel": (F, N, H), "bias": (N, H)},     # bias optional
    "key":   {"kernel": (Fkv, K, H), "bias": (K, H)},
    "value": {"kernel": (Fkv, K, D), "bias": (K, D)},
-   "out":   {"kernel": (N, D, O), "bias": (O,)}}        # "out" optional
+   "out":   {"kernel": (N, D, O), "bias": (O,)},        # "out" optional
+   "sinks": (N,)}                                        # optional: gpt-oss's sink logits
 
   F  query input features     Fkv  key/value input features     O  output features
   N  query heads              K    key/value heads               H  query/key head size
@@ -119,8 +120,9 @@ def init(
   kernel_init: str | Callable = "lecun_normal",
   bias_init: Callable | None = None,
   stddev: float | None = None,
+  use_sinks: bool = False,
   dtype: Any = jnp.float32,
-) -> dict[str, dict[str, Array]]:
+) -> dict[str, Any]:
   """Creates an attention parameter pytree (Flax ``MultiHeadDotProductAttention`` layout).
 
   Args:
@@ -139,11 +141,15 @@ def init(
       zeros); only with ``use_bias=True``.
     stddev: standard deviation for ``kernel_init="normal"`` (default 0.02); only
       with that initializer.
+    use_sinks: add ``"sinks"``, one learnable sink logit per query head
+      (zeros): each row's softmax denominator gets ``exp(sink)`` (see the
+      ``sinks`` option of :func:`jattn.dot_product_attention`).
     dtype: dtype of every leaf.
 
   Returns:
     A nested dict of arrays: ``query``/``key``/``value``/(``out``) with
-    ``kernel`` and (if ``use_bias``) ``bias``.
+    ``kernel`` and (if ``use_bias``) ``bias``; and ``sinks`` ``(N,)`` with
+    ``use_sinks``.
 
   Examples:
     >>> import jax, jattn
@@ -197,6 +203,8 @@ def init(
     params[name] = {"kernel": inits[name](keys[2 * i], kernel_shape, dtype)}
     if use_bias:
       params[name]["bias"] = bias_init(keys[2 * i + 1], bias_shape, dtype)
+  if use_sinks:
+    params["sinks"] = jnp.zeros((num_heads,), dtype)
   return params
 
 
@@ -279,6 +287,23 @@ class Projections:
           f"params['out']['bias'] must have shape {kernel.shape[2:]}; got {bias.shape}."
         )
       self.out = (kernel, bias)
+    self.sinks = None
+    if "sinks" in params:
+      sinks = jnp.asarray(params["sinks"])
+      if sinks.shape != (self.num_heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(
+          f"params['sinks'] must be ({self.num_heads},) floats, one per query head; "
+          f"got {sinks.dtype}{list(sinks.shape)}."
+        )
+      self.sinks = sinks
+
+  def options(self, options: dict[str, Any]) -> dict[str, Any]:
+    """The call's options with the params' sinks (never both: that would be ambiguous)."""
+    if self.sinks is None:
+      return options
+    if options.get("sinks") is not None:
+      raise ValueError("params has 'sinks': do not pass sinks= as well.")
+    return {**options, "sinks": self.sinks}
 
 
 def _check_input(name: str, x: Any, features: int, kernel_shape: tuple[int, ...]) -> Array:

@@ -41,6 +41,8 @@ class MultiHeadAttention(nn.Module):
     use_out_projection: False drops ``"out"``: the heads are concatenated,
       ``(..., T, N * D)``, as in the walkthrough.
     use_bias: biases on every projection (default False, as :func:`jattn.init`).
+    use_sinks: a learnable ``"sinks"`` param, one sink logit per query head
+      (gpt-oss; see :func:`jattn.init`).
     kernel_init: an initializer name (:data:`jattn.INITIALIZER_NAMES`) or callable.
     stddev: for ``kernel_init="normal"``.
     dtype: the computation dtype (default: inferred from inputs and params).
@@ -66,6 +68,7 @@ class MultiHeadAttention(nn.Module):
   out_features: int | None = None
   use_out_projection: bool = True
   use_bias: bool = False
+  use_sinks: bool = False
   kernel_init: str | Callable = "lecun_normal"
   stddev: float | None = None
   dtype: Any = None
@@ -98,10 +101,12 @@ class MultiHeadAttention(nn.Module):
         use_bias=self.use_bias,
         kernel_init=self.kernel_init,
         stddev=self.stddev,
+        use_sinks=self.use_sinks,
         dtype=self.param_dtype,
       )
 
     names = ("query", "key", "value", "out") if self.use_out_projection else _params._PROJECTIONS
+    names += ("sinks",) if self.use_sinks else ()
     # Each entry is one param (a {"kernel", "bias"} dict) drawn from its own rng.
     return {name: self.param(name, lambda rng, name=name: make(rng)[name]) for name in names}
 

@@ -66,6 +66,8 @@ class MultiHeadAttention(nnx.Module):
     out_features: ``O`` of the ``"out"`` projection (default ``F``, as in Flax).
     use_out_projection: False drops ``"out"``: the heads are concatenated.
     use_bias: biases on every projection (default False, as :func:`jattn.init`).
+    use_sinks: a learnable ``sinks`` param, one sink logit per query head
+      (gpt-oss; see :func:`jattn.init`).
     kernel_init: an initializer name (:data:`jattn.INITIALIZER_NAMES`) or callable.
     stddev: for ``kernel_init="normal"``.
     dtype: the computation dtype (default: inferred from inputs and params).
@@ -94,6 +96,7 @@ class MultiHeadAttention(nnx.Module):
     out_features: int | None = None,
     use_out_projection: bool = True,
     use_bias: bool = False,
+    use_sinks: bool = False,
     kernel_init: str | Callable = "lecun_normal",
     stddev: float | None = None,
     dtype: Any = None,
@@ -124,6 +127,7 @@ class MultiHeadAttention(nnx.Module):
       use_bias=use_bias,
       kernel_init=kernel_init,
       stddev=stddev,
+      use_sinks=use_sinks,
       dtype=param_dtype,
     )
     self.query = Projection(params["query"])
@@ -131,6 +135,8 @@ class MultiHeadAttention(nnx.Module):
     self.value = Projection(params["value"])
     if use_out_projection:
       self.out = Projection(params["out"])
+    if use_sinks:
+      self.sinks = nnx.Param(params["sinks"])
     self.dtype = dtype
     self.options = dict(
       scale=scale,

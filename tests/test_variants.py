@@ -479,3 +479,51 @@ def test_packed_documents_equal_separate_calls(problem):
       )
       assert_allclose(packed[b, rows], alone, rtol=1e-5, atol=1e-6)
   assert_array_equal(jnp.isfinite(packed), True)
+
+
+def test_learnable_sinks_live_in_the_params_of_every_layer(rng):
+  F, L = 16, 6
+  params = jattn.init(
+    jax.random.key(0), F, 8, num_heads=N, num_kv_heads=K, out_features=F, use_sinks=True
+  )
+  assert_array_equal(params["sinks"], jnp.zeros(N))
+  params["sinks"] = jnp.array([0.5, -1.0, 2.0, 0.0])
+  x = jnp.asarray(rng.standard_normal((B, L, F)), jnp.float32)
+  bare = {name: entry for name, entry in params.items() if name != "sinks"}
+  want = jattn.self_attention(bare, x, is_causal=True, sinks=params["sinks"])
+  assert_allclose(jattn.self_attention(params, x, is_causal=True), want, rtol=1e-6)
+  assert float(jnp.abs(want - jattn.self_attention(bare, x, is_causal=True)).max()) > 1e-2
+  steps = jattn.explain(params, x, is_causal=True)
+  assert float(steps["weights"].sum(-1).max()) < 1.0  # the sinks take their share
+  assert_allclose(steps["outputs"], want, rtol=1e-5, atol=1e-6)
+  cache = jattn.init_cache(params, (B,), max_len=L)
+  out, _ = jattn.decode_step(params, cache, x)
+  assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  # The sinks learn: their gradient is that of the sinks option.
+  grad = jax.grad(lambda p: jnp.sum(jattn.self_attention(p, x, is_causal=True) ** 2))(params)
+  want_grad = jax.grad(
+    lambda s: jnp.sum(jattn.self_attention(bare, x, is_causal=True, sinks=s) ** 2)
+  )(params["sinks"])
+  assert_allclose(grad["sinks"], want_grad, rtol=1e-5)
+  with pytest.raises(ValueError, match="do not pass sinks= as well"):
+    jattn.self_attention(params, x, sinks=params["sinks"])
+  with pytest.raises(ValueError, match=r"params\['sinks'\] must be \(4,\) floats"):
+    jattn.self_attention({**params, "sinks": jnp.zeros(3)}, x)
+
+  module = jattn.linen.MultiHeadAttention(
+    num_heads=N, head_dim=8, num_kv_heads=K, use_sinks=True, is_causal=True
+  )
+  variables = module.init(jax.random.key(1), x)
+  assert variables["params"]["sinks"].shape == (N,)
+  assert_allclose(module.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)
+  layer = jattn.nnx.MultiHeadAttention(
+    F,
+    num_heads=N,
+    head_dim=8,
+    num_kv_heads=K,
+    use_sinks=True,
+    is_causal=True,
+    rngs=flax_nnx.Rngs(0),
+  )
+  jattn.nnx.set_params(layer, params)
+  assert_allclose(layer(x), want, rtol=1e-5, atol=1e-6)
