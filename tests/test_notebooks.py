@@ -27,6 +27,7 @@ def test_the_notebooks_are_there():
     "02_jit_vmap_grad",
     "03_training_with_optax",
     "04_long_sequences",
+    "05_attention_variants",
   }
   assert expected <= {path.stem for path in NOTEBOOKS.glob("*.ipynb")}
 
