@@ -110,7 +110,9 @@ def decode_step(
       ``bias``, ``key_value_seq_lengths``, ``implementation``, dropout, ...),
       except those decode fixes: it is always causal, with the queries at
       positions ``index .. index + T - 1``. A ``mask_mod``/``score_mod`` sees
-      those positions as ``q_idx`` and the cache slots as ``kv_idx``.
+      those positions as ``q_idx`` and the cache slots as ``kv_idx``; segment
+      ids and positions are those of the new tokens ``(..., T)`` and of the
+      cache's slots ``(..., L)`` (ALiBi and chunks use the same positions).
 
   Returns:
     ``(outputs, cache)``: outputs ``(..., T, O)`` (or ``(..., T, N * D)``) as

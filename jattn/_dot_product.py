@@ -205,8 +205,9 @@ def attention_weights(
     queries: a ``slice`` of the ``T`` queries or ``(T',)`` integer indices.
     **options: the masking and scoring options of :func:`dot_product_attention`
       (``bias``, ``mask``, ``scale``, ``is_causal``, ``local_window_size``,
-      lengths, ``alignment``, ``mask_mod``, ``score_mod``), for the full
-      ``(..., N, T, S)`` problem.
+      lengths, ``alignment``, ``mask_mod``, ``score_mod``, segment ids and
+      positions, ``attention_chunk_size``, ``alibi_slopes``, ``logits_soft_cap``,
+      ``sinks``), for the full ``(..., N, T, S)`` problem.
 
   Returns:
     Weights ``(..., N, T', S)`` in float32 at least.
