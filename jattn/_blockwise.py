@@ -654,13 +654,7 @@ def run(call: Call, want_stats: bool = False):
 
 def _static(m: _masks.Mask) -> Any:
   """The mask as a hashable config: arrays travel as arguments, traced starts in Heads."""
-  return m._replace(
-    q_lengths=None,
-    kv_lengths=None,
-    q_segments=None,
-    kv_segments=None,
-    q_positions=None,
-    kv_positions=None,
+  return m.without_token_arrays()._replace(
     dense=None,
     mask_mod=None,
     block_mask=None,

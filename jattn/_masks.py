@@ -330,6 +330,15 @@ class BlockMask:
 
 
 HIDDEN, PARTIAL, FULL = 0, 1, 2
+# The Mask fields that hold per-batch or per-token arrays.
+TOKEN_ARRAYS = (
+  "q_lengths",
+  "kv_lengths",
+  "q_segments",
+  "kv_segments",
+  "q_positions",
+  "kv_positions",
+)
 
 
 class Mask(NamedTuple):
@@ -362,20 +371,6 @@ class Mask(NamedTuple):
   h_start: Any = 0
 
   @property
-  def anything(self) -> bool:
-    """Whether any rule restricts anything (else no backend masks at all)."""
-    return (
-      self.is_causal
-      or self.window is not None
-      or self.q_lengths is not None
-      or self.kv_lengths is not None
-      or self.dense is not None
-      or self.mask_mod is not None
-      or self.q_segments is not None
-      or self.chunk is not None
-    )
-
-  @property
   def structured(self) -> bool:
     """Whether a rule with a tile rule can hide whole tiles: then smaller key tiles pay."""
     return (
@@ -388,6 +383,16 @@ class Mask(NamedTuple):
       or self.q_segments is not None
       or self.chunk is not None
     )
+
+  @property
+  def anything(self) -> bool:
+    """Whether any rule restricts anything (else no backend masks at all)."""
+    return self.structured or self.mask_mod is not None
+
+  def without_token_arrays(self) -> Mask:
+    """The mask without its per-batch and per-token arrays (lengths, segment ids,
+    positions): for a backend that passes them separately."""
+    return self._replace(**dict.fromkeys(TOKEN_ARRAYS))
 
 
 def describe(

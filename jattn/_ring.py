@@ -469,15 +469,7 @@ def run(call: Call) -> Array | tuple[Array, Array]:
     B_local=math.prod(batch) // batch_shards,
     N_local=dims.N // (1 if head_axis is None else mesh.shape[head_axis]),
   )
-  local = m._replace(
-    q_lengths=None,
-    kv_lengths=None,
-    q_segments=None,
-    kv_segments=None,
-    q_positions=None,
-    kv_positions=None,
-  )
-  ring = _ring_fn(plan, call._replace(mask=local))
+  ring = _ring_fn(plan, call._replace(mask=m.without_token_arrays()))
   consts = (
     () if call.score_mod is None else call.score_mod.consts,
     () if m.mask_mod is None else m.mask_mod.consts,
