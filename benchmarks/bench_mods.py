@@ -67,6 +67,18 @@ def _time(fn, repeats: int) -> tuple[float, list[float]]:
   return first, times
 
 
+def _time_flex(run, repeats: int):
+  """``(_time(run), None)``, or ``(None, reason)`` where torch's flex has no CPU backward."""
+  import torch
+
+  try:
+    return _time(run, repeats), None
+  except NotImplementedError as error:  # torch 2.13: "does not support backward on CPU"
+    if "backward on CPU" not in str(error):
+      raise
+    return None, f"torch {torch.__version__} flex_attention has no CPU backward: {error}"
+
+
 def _jattn_case(case: str, shape, mode: str):
   """Returns (the timed step, seconds spent building the tile map)."""
   import jax
@@ -175,13 +187,10 @@ def worker(lib: str, case: str, shape, mode: str, repeats: int) -> dict:
     import torch
 
     run, setup_s = _flex_case(case, shape, mode)
-    try:
-      first, times = _time(run, repeats)
-    except NotImplementedError as error:  # torch 2.13: "does not support backward on CPU"
-      if "backward on CPU" not in str(error):
-        raise
-      reason = f"torch {torch.__version__} flex_attention has no CPU backward: {error}"
+    timed, reason = _time_flex(run, repeats)
+    if reason is not None:
       return {**base, "skipped": reason, "short": NO_CPU_BACKWARD}
+    first, times = timed
     version = f"torch {torch.__version__}"
     threads = torch.get_num_threads()
   return {

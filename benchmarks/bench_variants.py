@@ -53,7 +53,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mods import _inputs, _parse_list, _time
+from bench_mods import (
+  NO_CPU_BACKWARD,
+  _inputs,
+  _parse_list,
+  _ratio,
+  _seconds,
+  _time,
+  _time_flex,
+  _x,
+)
 
 CASES = ("causal", "documents", "softcap")
 MODES = ("fwd", "fwd+bwd", "jvp")
@@ -76,7 +85,6 @@ LAYOUTS = ("contiguous", "zigzag")
 TARGET = 1 / 6
 TARGET_MODES = ("fwd", "fwd+bwd")
 PROBE_SHAPE = (1, 64, 2, 16)
-NO_CPU_BACKWARD = "no CPU backward"
 NO_FORWARD_MODE = "no forward mode"
 
 
@@ -262,13 +270,10 @@ def worker(lib: str, case: str, shape, mode: str, repeats: int) -> dict:
         return {**base, "skipped": reason, "short": NO_FORWARD_MODE}
       note = "flex_attention forward-mode AD worked in the probe: timed"
     run, setup_s = _flex_step(case, shape, mode)
-    try:
-      first, times = _time(run, repeats)
-    except NotImplementedError as error:  # torch 2.13: "does not support backward on CPU"
-      if "backward on CPU" not in str(error):
-        raise
-      reason = f"torch {torch.__version__} flex_attention has no CPU backward: {error}"
+    timed, reason = _time_flex(run, repeats)
+    if reason is not None:
       return {**base, "skipped": reason, "short": NO_CPU_BACKWARD}
+    first, times = timed
     version = f"torch {torch.__version__}"
     threads = torch.get_num_threads()
   return {
@@ -365,24 +370,6 @@ def run_ring(documents, layout, shape, repeats, timeout) -> dict:
   base = {"documents": documents, "layout": layout, "shape": list(shape)}
   command = _command("--ring-worker", int(documents), layout, _shape_arg(shape), repeats)
   return run_worker(command, base, timeout)
-
-
-def _seconds(r: dict | None) -> str:
-  if r is None:
-    return "not run"
-  if "skipped" in r:
-    return r.get("short", "skipped (below)")
-  return f"{r['median_s']:.3f}"
-
-
-def _ratio(a: dict | None, b: dict | None) -> float | None:
-  if a is None or b is None or "median_s" not in a or "median_s" not in b:
-    return None
-  return a["median_s"] / b["median_s"]
-
-
-def _x(ratio: float | None) -> str:
-  return "" if ratio is None else f"{ratio:.2f}x"
 
 
 def _shape(shape) -> str:
