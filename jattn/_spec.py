@@ -324,6 +324,16 @@ def check_lengths(name: str, lengths: Any, batch: tuple[int, ...]) -> Array | No
   return lengths.astype(jnp.int32)
 
 
+def _fits(shape: tuple[int, ...], last: int, batch: tuple[int, ...]) -> bool:
+  """Whether ``shape`` is ``(..., last)`` with leading dims that broadcast to ``batch``."""
+  if not shape or shape[-1] != last:
+    return False
+  try:
+    return np.broadcast_shapes(shape[:-1], batch) == tuple(batch)
+  except ValueError:
+    return False
+
+
 def check_per_token(name: str, x: Any, batch: tuple[int, ...], length: int) -> Array | None:
   """``(..., length)`` integers (segment ids, positions) as int32 ``(*batch, length)``."""
   if x is None:
@@ -331,13 +341,7 @@ def check_per_token(name: str, x: Any, batch: tuple[int, ...], length: int) -> A
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(f"{name} must be integers, got dtype {x.dtype}.")
-  ok = x.ndim >= 1 and x.shape[-1] == length
-  if ok:
-    try:
-      ok = np.broadcast_shapes(x.shape[:-1], batch) == tuple(batch)
-    except ValueError:
-      ok = False
-  if not ok:
+  if not _fits(x.shape, length, batch):
     raise ValueError(
       f"{name} must have shape (..., {length}) (one per position, leading dims broadcasting "
       f"to the batch {tuple(batch)}), got {x.shape}."
@@ -369,13 +373,7 @@ def check_slopes(slopes: Any, dims: Dims) -> Array | None:
   slopes = jnp.asarray(slopes)
   if not jnp.issubdtype(slopes.dtype, jnp.floating):
     raise TypeError(f"alibi_slopes must be floating point, got dtype {slopes.dtype}.")
-  ok = slopes.ndim >= 1 and slopes.shape[-1] == dims.N
-  if ok:
-    try:
-      ok = np.broadcast_shapes(slopes.shape[:-1], dims.batch) == dims.batch
-    except ValueError:
-      ok = False
-  if not ok:
+  if not _fits(slopes.shape, dims.N, dims.batch):
     raise ValueError(
       f"alibi_slopes must have shape (N,) or (..., N) for the {dims.N} query heads and batch "
       f"{dims.batch}, got {slopes.shape}."
