@@ -310,7 +310,8 @@ def plot(results: list[dict], shape, cases, modes, path: Path) -> None:
     ax.set(ylabel="median time (s)", title=mode)
     ax.legend(fontsize=8)
   fig.suptitle(
-    f"jattn mods vs torch flex_attention, CPU float32, {tuple(shape)} (missing bars: not run)"
+    f"jattn mods vs torch flex_attention, CPU float32, {tuple(shape)} "
+    "(missing bars: unsupported there, see mods.md)"
   )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
