@@ -16,12 +16,14 @@ else in the sequence, found by content (``recall``) or by position (``reverse``)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jattn import _attention, _params, checkpoint
@@ -292,6 +294,7 @@ def train(
   checkpoint_every: int = 100,
   resume: bool = False,
   progress: Callable[[int, dict[str, float]], None] | None = None,
+  metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
   """Trains the one-layer model on ``task`` with Optax, optionally checkpointing.
 
@@ -304,17 +307,47 @@ def train(
     optimizer: any ``optax.GradientTransformation`` instead.
     params: initial parameters (default :func:`init_model` of ``seed``).
     checkpoint_dir: save params and optimizer state there every
-      ``checkpoint_every`` steps and at the end (:mod:`jattn.checkpoint`).
-    resume: continue from the latest checkpoint in ``checkpoint_dir``.
+      ``checkpoint_every`` steps and at the end (:mod:`jattn.checkpoint`), with
+      :func:`run_metadata`. Without ``resume`` it must hold no checkpoint yet, so
+      two runs never mix in one directory.
+    resume: continue from the latest complete checkpoint in ``checkpoint_dir``,
+      which must be of this run (equal :func:`run_metadata`).
     progress: called as ``progress(step, metrics)`` after every step.
+    metadata: more JSON-serialisable facts that define the run (e.g. a
+      description of a custom ``optimizer`` or ``params``), saved and checked
+      with the rest.
 
   Returns:
     A :class:`TrainResult`; ``eval_accuracy`` is measured on :func:`held_out` data.
+
+  Raises:
+    ValueError: bad arguments, or a fresh run into a ``checkpoint_dir`` that
+      already holds checkpoints.
+    jattn.checkpoint.CheckpointError: ``resume`` from a missing, damaged or
+      foreign checkpoint.
+    FloatingPointError: a non-finite loss, or non-finite parameters or
+      optimizer state at a save; nothing from that step on is saved.
   """
   if steps < 1:
     raise ValueError(f"steps must be positive, got {steps}.")
+  if checkpoint_every < 1:
+    raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}.")
   if resume and checkpoint_dir is None:
     raise ValueError("resume=True needs a checkpoint_dir.")
+  run = run_metadata(
+    task,
+    steps=steps,
+    seed=seed,
+    batch_size=batch_size,
+    learning_rate=None if optimizer is not None else learning_rate,
+    custom_params=params is not None,
+    extra=metadata,
+  )
+  if checkpoint_dir is not None and not resume and checkpoint.steps(checkpoint_dir):
+    raise ValueError(
+      f"{checkpoint_dir} already holds checkpoints (steps {checkpoint.steps(checkpoint_dir)}): "
+      "continue that run with resume=True (jattn train --resume), or use another directory."
+    )
   if optimizer is None:
     schedule = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.1)
     optimizer = optax.adamw(schedule, weight_decay=1e-4)
@@ -323,19 +356,69 @@ def train(
   opt_state = jax.jit(optimizer.init)(params)
   start = 0
   if resume:
-    start, (params, opt_state) = checkpoint.restore(checkpoint_dir, (params, opt_state))
+    start, (params, opt_state) = checkpoint.restore(
+      checkpoint_dir, (params, opt_state), metadata=run
+    )
     if start > steps:
       raise ValueError(f"the checkpoint is at step {start}, past steps={steps}.")
   step_fn = jax.jit(make_train_step(loss_fn, optimizer))
   history = []
+  saved = start if resume else None
   data = batches(task, seed, batch_size, start)
   for step in range(start, steps):
     params, opt_state, metrics = step_fn(params, opt_state, next(data))
-    record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
+    done = step + 1
+    record = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+    if not math.isfinite(record["loss"]):
+      raise FloatingPointError(_diverged(f"the loss is {record['loss']}", done, saved))
     history.append(record)
     if progress is not None:
-      progress(step + 1, record)
-    done = step + 1
+      progress(done, record)
     if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps):
-      checkpoint.save(checkpoint_dir, done, (params, opt_state))
+      state = jax.device_get((params, opt_state))
+      if not _all_finite(state):
+        raise FloatingPointError(_diverged("params or optimizer state hold NaN/inf", done, saved))
+      checkpoint.save(checkpoint_dir, done, state, metadata=run)
+      saved = done
   return TrainResult(params, opt_state, history, evaluate(params, held_out(task, seed)))
+
+
+def run_metadata(
+  task: Task,
+  *,
+  steps: int,
+  seed: int,
+  batch_size: int,
+  learning_rate: float | None,
+  custom_params: bool = False,
+  extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  """What defines a :func:`train` run, as saved with its checkpoints and checked on resume.
+
+  The task (name and description), seed, batch size, and the default optimizer's
+  learning rate and total steps (its cosine schedule depends on them; ``None``
+  for a custom optimizer, which only ``extra`` can describe), and whether the
+  initial parameters were given rather than drawn from the seed.
+  """
+  run = {
+    "task": task.name,
+    "task_description": task.description,
+    "seed": int(seed),
+    "batch_size": int(batch_size),
+    "optimizer": "adamw, cosine decay" if learning_rate is not None else "custom",
+    "learning_rate": None if learning_rate is None else float(learning_rate),
+    "steps": int(steps) if learning_rate is not None else None,
+    "initial_params": "given" if custom_params else "init_model(seed)",
+  }
+  return {**run, **(extra or {})}
+
+
+def _diverged(what: str, step: int, saved: int | None) -> str:
+  kept = "no checkpoint was saved" if saved is None else f"the last checkpoint is step {saved}"
+  return f"{what} at step {step}: training diverged (learning rate too high?); {kept}."
+
+
+def _all_finite(tree: Any) -> bool:
+  """Whether every float leaf of a host (numpy) pytree is finite."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.inexact))
