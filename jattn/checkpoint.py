@@ -291,8 +291,6 @@ def restore(
   step = _choose_step(directory, step)
   data_path, meta_path = _paths(directory, step)
   meta = _read_sidecar(directory, step)
-  if metadata is not None:
-    _check_metadata(meta["metadata"], _json_metadata(metadata), meta_path)
   try:
     data = data_path.read_bytes()
   except OSError as e:
@@ -303,6 +301,8 @@ def restore(
     )
   if hashlib.sha256(data).hexdigest() != meta["sha256"]:
     raise CheckpointError(f"{data_path} is corrupt: its SHA-256 does not match {meta_path}.")
+  if metadata is not None:
+    _check_metadata(meta["metadata"], _json_metadata(metadata), meta_path)
   try:
     raw = flax.serialization.msgpack_restore(data)
   except (ValueError, TypeError) as e:
