@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,38 +21,89 @@ def _fmt(a) -> str:
   return np.array2string(np.asarray(a), formatter=_FORMAT, separator=", ")
 
 
+# `jattn demo` computes, prints and plots a T x T map: larger inputs are refused, not hung on.
+MAX_SIZE = 2048  # rows and columns of any matrix the demo reads (inputs T x F, weights F x H)
+MAX_BYTES = 128 * 2**20  # files larger than any such matrix needs are refused before reading
+# (JSON and Unicode errors are ValueErrors; deep nesting is a RecursionError)
+_READ_ERRORS = (OSError, ValueError, EOFError, RecursionError, zipfile.BadZipFile)
+
+
+def _read(path: Path, what: str, suffixes: tuple[str, ...]):
+  """The raw content of ``path`` (.json: parsed; .npy: memory-mapped; .npz: a dict of arrays)."""
+  if path.suffix not in suffixes:
+    raise ValueError(f"{what} file {path} must be {' or '.join(suffixes)}, not {path.suffix!r}")
+  try:
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+      raise ValueError(f"{size} bytes, more than the demo's limit of {MAX_BYTES}")
+    if path.suffix == ".json":
+      return json.loads(path.read_bytes())
+    if path.suffix == ".npy":
+      array = np.load(path, mmap_mode="r", allow_pickle=False)  # the shape, before any data
+      if not isinstance(array, np.ndarray):  # an .npz under another name
+        array.close()
+        raise ValueError("not a .npy array file")
+      return array
+    with np.load(path, allow_pickle=False) as npz:
+      return {name: npz[name] for name in npz.files}
+  except _READ_ERRORS as e:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    raise ValueError(f"cannot read {what} file {path}: {reason}") from None
+
+
+def _matrix(value, what: str, path: Path, layout: str) -> np.ndarray:
+  """``value`` as a float32 matrix, or a ValueError naming ``path``."""
+  try:
+    array = np.asarray(value)
+  except ValueError as e:  # ragged nested lists
+    raise ValueError(f"{what} in {path}: not a {layout} matrix ({e})") from None
+  real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+  if not real:
+    raise ValueError(f"{what} in {path} must hold real numbers, got dtype {array.dtype}")
+  if array.ndim != 2 or 0 in array.shape:
+    raise ValueError(
+      f"{what} in {path} must be a 2-D numeric array {layout}, got shape {array.shape}"
+    )
+  if max(array.shape) > MAX_SIZE:
+    raise ValueError(
+      f"{what} in {path}: {array.shape[0]} x {array.shape[1]}, more than the demo's limit of "
+      f"{MAX_SIZE} rows or columns"
+    )
+  wide = array.astype(np.float64)
+  if not np.isfinite(wide).all() or np.abs(wide).max() > np.finfo(np.float32).max:
+    raise ValueError(f"{what} in {path}: not finite in float32 (NaN, inf, or beyond +-3.4e38)")
+  return wide.astype(np.float32)
+
+
 def _load_array(path: Path, what: str) -> np.ndarray:
-  if path.suffix == ".npy":
-    array = np.load(path, allow_pickle=False)
-  elif path.suffix == ".json":
-    array = np.asarray(json.loads(path.read_text()), dtype=np.float32)
-  else:
-    raise ValueError(f"{what} file {path} must be .json or .npy")
-  if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-    raise ValueError(f"{what} in {path} must be a 2-D numeric array, got shape {array.shape}")
-  return array.astype(np.float32)
+  return _matrix(_read(path, what, (".json", ".npy")), f"the {what}", path, "(T, F)")
 
 
 def _load_weights(path: Path) -> dict:
-  if path.suffix == ".json":
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-      raise ValueError(f"{path} must hold a JSON object with 'query', 'key' and 'value' matrices")
-  elif path.suffix == ".npz":
-    with np.load(path, allow_pickle=False) as npz:
-      data = {name: npz[name] for name in npz.files}
-  else:
-    raise ValueError(f"weights file {path} must be .json or .npz")
+  data = _read(path, "weights", (".json", ".npz"))
+  if not isinstance(data, dict):
+    raise ValueError(f"{path} must hold a JSON object with 'query', 'key' and 'value' matrices")
   missing = [n for n in ("query", "key", "value") if n not in data]
   if missing:
     raise ValueError(f"{path} lacks the matrices {missing} (it has {sorted(data)})")
-  params = {n: {"kernel": np.asarray(data[n], dtype=np.float32)} for n in ("query", "key", "value")}
-  for name, entry in params.items():
-    if entry["kernel"].ndim != 2:
+  return {
+    n: {"kernel": _matrix(data[n], f"the {n} matrix", path, "(F, H)")}
+    for n in ("query", "key", "value")
+  }
+
+
+def _check_fit(x: np.ndarray, params: dict, inputs: str, weights: str) -> None:
+  """The shapes explain needs, named by file: x (T, F); query, key (F, H); value (F, V)."""
+  for name in ("query", "key", "value"):
+    features = params[name]["kernel"].shape[0]
+    if features != x.shape[1]:
       raise ValueError(
-        f"the {name} matrix in {path} must be 2-D (features, size), got {entry['kernel'].shape}"
+        f"the inputs ({inputs}) have {x.shape[1]} features, but the {name} matrix ({weights}) "
+        f"expects {features}"
       )
-  return params
+  q, k = params["query"]["kernel"].shape[1], params["key"]["kernel"].shape[1]
+  if q != k:
+    raise ValueError(f"the query matrix ({weights}) has {q} columns, the key matrix {k}")
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -66,6 +118,8 @@ def demo(args: argparse.Namespace) -> int:
     x = _load_array(args.inputs, "inputs")
   if args.weights is not None:
     params = _load_weights(args.weights)
+  builtin = "the built-in example"
+  _check_fit(x, params, str(args.inputs or builtin), str(args.weights or builtin))
   head_dim = np.shape(params["key"]["kernel"])[-1]
   scale = 1.0 if args.scale == "none" else 1.0 / math.sqrt(head_dim)
   steps = jax.jit(functools.partial(jattn.explain, scale=scale))(params, x)
@@ -108,65 +162,106 @@ def demo(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("matplotlib") is None:
       print('\n(matplotlib is not installed: pip install "jattn[plot]" to save the map)')
     else:
-      from jattn import plot
-
       title = f"attention map ({scale_note})"
-      plot.attention_map(steps["weights"], title=title, path=str(args.out))
+      _save_map(args.out, steps["weights"], title=title)
       print(f"\nSaved the attention map to {args.out}")
   return 0
+
+
+def _save_map(path: Path, weights, **options) -> None:
+  from jattn import plot
+
+  try:
+    plot.attention_map(weights, path=str(path), **options)
+  except (OSError, ValueError) as e:  # a missing folder, an unknown image format
+    raise ValueError(f"cannot save the attention map to {path}: {e}") from None
 
 
 def train(args: argparse.Namespace) -> int:
   import jax
   from tqdm import tqdm
 
-  from jattn import training
+  from jattn import checkpoint, training
 
-  if args.steps < 1:
-    raise ValueError(f"--steps must be positive, got {args.steps}")
-  if args.batch_size < 1:
-    raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
   if args.resume and args.checkpoint_dir is None:
     raise ValueError("--resume needs --checkpoint-dir")
   task = training.TASKS[args.task]
-  print(f"jattn train: {task.description}; {args.steps} steps on {jax.devices()[0]}")
-  with tqdm(total=args.steps, desc=args.task, unit="step") as bar:
-
-    def progress(step: int, metrics: dict[str, float]) -> None:
-      if bar.n == 0:
-        bar.update(step - 1)  # a resumed run starts part-way
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
-      bar.update(1)
-
-    result = training.train(
-      task,
-      steps=args.steps,
-      seed=args.seed,
-      batch_size=args.batch_size,
-      learning_rate=args.learning_rate,
-      checkpoint_dir=args.checkpoint_dir,
-      resume=args.resume,
-      progress=progress,
+  if args.checkpoint_dir is not None and not args.resume and checkpoint.steps(args.checkpoint_dir):
+    raise ValueError(
+      f"--checkpoint-dir {args.checkpoint_dir} already holds checkpoints (up to step "
+      f"{checkpoint.steps(args.checkpoint_dir)[-1]}): add --resume to continue that run, or "
+      "choose another directory"
     )
+  print(f"jattn train: {task.description}; {args.steps} steps on {jax.devices()[0]}")
+  resumed_from = checkpoint.steps(args.checkpoint_dir) if args.resume else []
+  done = [resumed_from[-1] if resumed_from else 0]  # the last step run, reported on Ctrl-C
+  try:
+    with tqdm(total=args.steps, desc=args.task, unit="step") as bar:
+
+      def progress(step: int, metrics: dict[str, float]) -> None:
+        if bar.n == 0:
+          bar.update(step - 1)  # a resumed run starts part-way
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+        bar.update(1)
+        done[0] = step
+
+      result = training.train(
+        task,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=progress,
+      )
+  except KeyboardInterrupt:
+    saved = checkpoint.steps(args.checkpoint_dir) if args.checkpoint_dir is not None else []
+    if saved:
+      hint = f"the latest checkpoint is step {saved[-1]}: resume with --resume"
+    elif args.checkpoint_dir is not None:
+      hint = "no checkpoint saved yet: start again"
+    else:
+      hint = "nothing saved (no --checkpoint-dir)"
+    print(f"jattn train: interrupted at step {done[0]}; {hint}", file=sys.stderr)
+    return 130
   held_out = training.held_out(task, args.seed)
   print(f"held-out accuracy: {result.eval_accuracy:.4f} ({held_out['targets'].shape[0]} sequences)")
   if args.out is not None:
     if importlib.util.find_spec("matplotlib") is None:
       print('(matplotlib is not installed: pip install "jattn[plot]" to save the map)')
       return 0
-    from jattn import plot
-
     inputs = np.asarray(held_out["inputs"][:1])
     _, weights = training.apply_model(result.params, inputs, return_weights=True)
-    labels = task.labels(inputs[0])
-    plot.attention_map(
+    _save_map(
+      args.out,
       np.asarray(weights[0]),
-      query_tokens=labels,
+      query_tokens=task.labels(inputs[0]),
       title=f"{args.task}: attention after {args.steps} steps",
-      path=str(args.out),
     )
     print(f"Saved the attention map of one held-out example to {args.out}")
   return 0
+
+
+def _flag_type(kind: type, what: str, accept):
+  """An argparse type: a finite ``kind`` that ``accept`` takes, else an error naming the flag."""
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not (math.isfinite(value) and accept(value)):
+      raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+  return parse
+
+
+_POSITIVE_INT = _flag_type(int, "a positive integer", lambda v: v > 0)
+_SEED = _flag_type(int, "a non-negative integer below 2**63", lambda v: 0 <= v < 2**63)
+_LEARNING_RATE = _flag_type(float, "a positive finite number", lambda v: v > 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,12 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=demo)
   p = sub.add_parser("train", help="train one attention layer on a toy task with Optax")
   p.add_argument("--task", choices=("recall", "reverse"), default="recall")
-  p.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--learning-rate", type=float, default=3e-3)
-  p.add_argument("--checkpoint-dir", type=Path, help="save params and optimizer state here")
-  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  p.add_argument("--steps", type=_POSITIVE_INT, default=500, help="training steps (default 500)")
+  p.add_argument("--seed", type=_SEED, default=0)
+  p.add_argument("--batch-size", type=_POSITIVE_INT, default=128)
+  p.add_argument("--learning-rate", type=_LEARNING_RATE, default=3e-3)
+  p.add_argument(
+    "--checkpoint-dir",
+    type=Path,
+    help="save params and optimizer state here (a new or empty directory, unless --resume)",
+  )
+  p.add_argument(
+    "--checkpoint-every", type=_POSITIVE_INT, default=100, help="steps between checkpoints"
+  )
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the run in --checkpoint-dir from its latest complete checkpoint "
+    "(refused if the task, seed or config differ)",
+  )
   p.add_argument(
     "--out",
     type=Path,
@@ -229,12 +336,16 @@ def main(argv: list[str] | None = None) -> int:
   if argv[:1] == ["bench"]:  # its own parser: argparse's REMAINDER drops leading options
     return _bench_main(argv[1:])
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args = parser.parse_args(argv)  # bad flags: argparse's usage line and exit 2
   try:
     return args.func(args)
-  except (OSError, ValueError, TypeError) as e:  # bad files and shapes: a message, not a trace
-    print(f"jattn {args.command}: error: {e}", file=sys.stderr)
+  except (OSError, ValueError, TypeError, FloatingPointError) as e:  # CheckpointError included
+    message = " ".join(str(e).split("\n"))  # one line, never a traceback
+    print(f"jattn {args.command}: error: {message}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"jattn {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

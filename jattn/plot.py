@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,21 +57,24 @@ def attention_map(
       f"of shape {w.shape} (heads, T, S)."
     )
   annotate = (t <= 12 and s <= 12) if annotate is None else annotate
-  longest = max(len(label) for label in (*query_tokens, *key_tokens))
-  rotate = s > 12 or longest > 3  # long or many key labels would overlap side by side
+  rows, cols = _ticks(t), _ticks(s)
+  longest = max(len(query_tokens[i]) for i in rows)
+  longest = max(longest, *(len(key_tokens[j]) for j in cols))
+  rotate = len(cols) > 12 or longest > 3  # long or many key labels would overlap side by side
   label_room = 0.08 * longest  # inches for the query labels (left) and rotated key labels
+  cell = 0.5 if annotate else min(0.5, 10.0 / max(s * heads, t))  # inches: large maps fit a page
   fig, axes = plt.subplots(
     1,
     heads,
-    figsize=(1.6 + label_room + 0.5 * max(s, 4) * heads, 1.2 + label_room + 0.5 * max(t, 4)),
+    figsize=(1.6 + label_room + cell * max(s, 4) * heads, 1.2 + label_room + cell * max(t, 4)),
     squeeze=False,
     sharey=True,
     layout="constrained",
   )
   for n, ax in enumerate(axes[0]):
     image = ax.imshow(w[n], vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(s), key_tokens, rotation=90 if rotate else 0)
-    ax.set_yticks(range(t), query_tokens)
+    ax.set_xticks(cols, [key_tokens[j] for j in cols], rotation=90 if rotate else 0)
+    ax.set_yticks(rows, [query_tokens[i] for i in rows])
     ax.set_xlabel("key")
     if n == 0:  # the panels share the query axis: label it once
       ax.set_ylabel("query")
@@ -82,9 +86,16 @@ def attention_map(
           color = "black" if w[n, i, j] > 0.6 else "white"
           ax.text(j, i, f"{w[n, i, j]:.2f}", ha="center", va="center", color=color, fontsize=8)
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="weight")
-  if title:
-    fig.suptitle(title)
+  if title:  # wrapped to the figure's width (about 10 characters an inch at this size)
+    fig.suptitle(textwrap.fill(title, max(16, int(9 * fig.get_figwidth()))))
   if path is not None:
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # nothing drawn outside is cut off
     plt.close(fig)
   return fig
+
+
+def _ticks(n: int, every_up_to: int = 32, subset: int = 16) -> list[int]:
+  """Tick positions: each of ``n`` up to ``every_up_to``, else ``subset`` spread evenly."""
+  if n <= every_up_to:
+    return list(range(n))
+  return sorted({round(i * (n - 1) / (subset - 1)) for i in range(subset)})

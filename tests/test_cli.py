@@ -1,14 +1,17 @@
-"""`jattn demo`: the walkthrough printed step by step, the map saved, bad input refused."""
+"""`jattn demo`: the walkthrough printed step by step, the map saved, bad input refused;
+`jattn train`: bad flags, divergence, mixed runs and Ctrl-C give one line, never a traceback."""
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from jattn import cli
+from jattn import checkpoint, cli
 
 
 def run(*args):
@@ -52,20 +55,103 @@ def test_demo_sqrt_scale_and_own_files(tmp_path, capsys):
   assert f"{w[0] / w.sum():8.4f}" in text
 
 
+def one_line_error(capsys, command, *names):
+  """The error the last cli.main printed: one line, naming each of ``names``, no traceback."""
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  lines = [line for line in err.splitlines() if line.startswith(f"jattn {command}: error:")]
+  assert len(lines) == 1 and err.endswith(lines[0] + "\n"), err  # the last line, and one
+  for name in names:
+    assert str(name).replace("\n", " ") in lines[0]
+  return lines[0]
+
+
 @pytest.mark.parametrize(
   "content, suffix, message",
   [
     ("[[1, 2], [3", ".json", "Expecting"),
-    ("[[1, 0, 1]]", ".json", r"x has 3 features .* expects 4"),
+    ("[[1, 0, 1]]", ".json", r"have 3 features, but the query matrix \(the built-in example\) "),
     ("[1, 2, 3, 4]", ".json", "must be a 2-D numeric array"),
     ("1,2", ".csv", "must be .json or .npy"),
+    ("[[1, 2], [3]]", ".json", r"not a \(T, F\) matrix"),
+    ('[["a", "b"]]', ".json", "must hold real numbers, got dtype <U1"),
+    ("[[NaN, 1, 2, 3]]", ".json", "not finite in float32"),
+    ("[[1e39, 1, 2, 3]]", ".json", "not finite in float32"),
+    (b"\xff\xfe\xfa", ".json", "cannot read inputs file .*codec can't decode"),
+    (np.ones((2, 4), np.complex64), ".npy", "must hold real numbers, got dtype complex64"),
+    (np.full((2, 4), 1e39), ".npy", "not finite in float32"),
+    (np.full((2, 4), np.nan, np.float32), ".npy", "not finite in float32"),
+    (np.ones((cli.MAX_SIZE + 1, 4), np.float32), ".npy", "2049 x 4, more than the demo's limit"),
+    (np.ones((0, 4), np.float32), ".npy", r"must be a 2-D numeric array \(T, F\), got shape"),
+    (b"", ".npy", "cannot read inputs file"),
+    (b"not numpy at all", ".npy", "cannot read inputs file"),
+    ({"a": np.eye(2)}, ".npy", "not a .npy array file"),  # an .npz named .npy
   ],
 )
-def test_demo_bad_inputs_exit_nonzero_with_a_message(tmp_path, capsys, content, suffix, message):
+def test_demo_bad_inputs_exit_nonzero_with_one_line_naming_the_file(
+  tmp_path, capsys, content, suffix, message
+):
   path = tmp_path / f"x{suffix}"
-  path.write_text(content)
+  if isinstance(content, str):
+    path.write_text(content)
+  elif isinstance(content, bytes):
+    path.write_bytes(content)
+  elif isinstance(content, dict):
+    with open(path, "wb") as f:
+      np.savez(f, **content)
+  else:
+    np.save(path, content)
   assert cli.main(["demo", "--inputs", str(path), "--no-plot"]) == 2
-  assert re.search(message, capsys.readouterr().err)
+  assert re.search(message, one_line_error(capsys, "demo", path))
+
+
+@pytest.mark.parametrize(
+  "weights, message",
+  [
+    ({"query": np.eye(4, 3)}, r"lacks the matrices \['key', 'value'\]"),
+    ({"query": np.eye(4, 2), "key": np.eye(4, 3), "value": np.eye(4, 3)}, "has 2 columns, the key"),
+    ({"query": np.eye(5, 3), "key": np.eye(5, 3), "value": np.eye(5, 3)}, "expects 5"),
+    ({"query": np.eye(4, 3) * 1j, "key": np.eye(4, 3), "value": np.eye(4)}, "dtype complex128"),
+    ({"query": np.ones((4, 3, 1)), "key": np.eye(4, 3), "value": np.eye(4)}, r"\(F, H\)"),
+    (b"garbage", "cannot read weights file"),
+  ],
+)
+def test_demo_bad_weights_files_are_named(tmp_path, capsys, weights, message):
+  path = tmp_path / "w.npz"
+  if isinstance(weights, bytes):
+    path.write_bytes(weights)
+  else:
+    np.savez(path, **weights)
+  assert cli.main(["demo", "--weights", str(path), "--no-plot"]) == 2
+  assert re.search(message, one_line_error(capsys, "demo", path))
+
+
+def test_demo_unreadable_paths_and_unsavable_maps_are_named(tmp_path, capsys):
+  assert cli.main(["demo", "--inputs", str(tmp_path), "--no-plot"]) == 2  # a directory
+  assert "inputs file" in one_line_error(capsys, "demo", tmp_path)
+  missing = tmp_path / "two\nlines.json"
+  assert cli.main(["demo", "--inputs", str(missing), "--no-plot"]) == 2
+  assert "No such file or directory" in one_line_error(capsys, "demo", missing)
+  for out in (tmp_path / "no" / "map.png", tmp_path / "map.xyz"):
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    assert "cannot save the attention map to" in one_line_error(capsys, "demo", out)
+
+
+def test_saved_maps_fit_their_titles(tmp_path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from jattn import plot
+
+  title = "attention map (unscaled, as in the walkthrough)"  # was cut off at both edges
+  for weights in (np.full((3, 3), 1 / 3), np.full((4, 9, 9), 1 / 9), np.full((40, 40), 1 / 40)):
+    fig = plot.attention_map(weights, title=title)
+    fig.canvas.draw()
+    box = fig.texts[0].get_window_extent()
+    assert fig.texts[0].get_text().replace("\n", " ") == title
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+  plot.attention_map(np.full((3, 3), 1 / 3), title=title, path=str(tmp_path / "map.png"))
+  assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_demo_missing_file_and_bad_weights(tmp_path, capsys):
@@ -128,16 +214,86 @@ def test_train_reaches_the_accuracy_with_defaults_and_saves_the_map(tmp_path):
 
 
 @pytest.mark.parametrize(
-  ("args", "message"),
+  ("flag", "value", "expected"),
   [
-    (["--steps", "0"], "--steps must be positive"),
-    (["--resume"], "--resume needs --checkpoint-dir"),
-    (["--batch-size", "-1"], "--batch-size must be positive"),
+    ("--learning-rate", "nan", "a positive finite number"),
+    ("--learning-rate", "inf", "a positive finite number"),
+    ("--learning-rate", "0", "a positive finite number"),
+    ("--learning-rate", "-1", "a positive finite number"),
+    ("--learning-rate", "fast", "a positive finite number"),
+    ("--steps", "0", "a positive integer"),
+    ("--steps", "1.5", "a positive integer"),
+    ("--batch-size", "-1", "a positive integer"),
+    ("--checkpoint-every", "0", "a positive integer"),
+    ("--seed", "-1", "a non-negative integer below 2**63"),
   ],
 )
-def test_train_bad_arguments_exit_nonzero(capsys, args, message):
-  assert cli.main(["train", "--no-plot", *args]) == 2
-  assert message in capsys.readouterr().err
+def test_train_bad_numbers_are_refused_by_the_parser_naming_the_flag(capsys, flag, value, expected):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["train", "--no-plot", flag, value])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert f"jattn train: error: argument {flag}: must be {expected}, got {value!r}" in err
+
+
+def test_train_resume_needs_a_directory(capsys):
+  assert cli.main(["train", "--no-plot", "--resume"]) == 2
+  assert "--resume needs --checkpoint-dir" in one_line_error(capsys, "train")
+
+
+def test_train_stops_on_divergence_and_refuses_to_mix_runs(tmp_path, capsys):
+  args = ["train", "--no-plot", "--steps", "4", "--batch-size", "8", "--checkpoint-every", "1"]
+  args += ["--checkpoint-dir", str(tmp_path)]
+  assert cli.main([*args, "--learning-rate", "1e30"]) == 2
+  line = one_line_error(capsys, "train")
+  assert re.search(r"the loss is nan at step 2: .* the last checkpoint is step 1\.$", line)
+  assert checkpoint.steps(tmp_path) == [1]  # nothing saved from the diverged step on
+  assert cli.main(args) == 2  # a fresh run into that directory
+  line = one_line_error(capsys, "train", tmp_path)
+  assert "already holds checkpoints (up to step 1): add --resume" in line
+  assert cli.main([*args, "--resume", "--learning-rate", "1e-3"]) == 2  # another run's
+  assert re.search(
+    r"from another run: learning_rate 1e\+30 saved, 0.001 here", one_line_error(capsys, "train")
+  )
+
+
+SLOW_TRAIN = """
+import sys, time
+from jattn import cli, training
+batches = training.batches
+def slow(*args):  # 20 ms a step, so the test can interrupt it mid-run
+  for batch in batches(*args):
+    time.sleep(0.02)
+    yield batch
+training.batches = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_train_prints_one_line_exits_130_and_resume_finishes(tmp_path, capsys):
+  args = ["train", "--no-plot", "--steps", "60", "--batch-size", "8", "--checkpoint-every", "5"]
+  args += ["--checkpoint-dir", str(tmp_path)]
+  proc = subprocess.Popen(
+    [sys.executable, "-c", SLOW_TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+  )
+  deadline = time.monotonic() + 120
+  while not checkpoint.steps(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  err = err.decode()
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+  [line] = [line for line in err.splitlines() if "interrupted" in line]
+  match = re.fullmatch(
+    r"jattn train: interrupted at step (\d+); the latest checkpoint is step (\d+): "
+    r"resume with --resume",
+    line,
+  )
+  assert match and int(match[2]) == checkpoint.steps(tmp_path)[-1] <= int(match[1]) < 60
+  assert cli.main([*args, "--resume"]) == 0
+  assert "held-out accuracy" in capsys.readouterr().out
+  assert checkpoint.steps(tmp_path)[-1] == 60
 
 
 def test_train_unknown_task_and_corrupt_checkpoint(tmp_path, capsys):
