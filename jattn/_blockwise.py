@@ -58,8 +58,10 @@ from jattn._spec import Call, Dims, Mod, apply_mod, check_mod, compute_dtype, mo
 
 Array = jax.Array
 
-# Scores of fully masked rows: exp(s - _BIG) == 0 for any finite score.
-_BIG = float(np.finfo(np.float32).max) / 4
+# The internal log-sum-exp of a fully masked row: exp(s - _EMPTY) == 0 for any
+# finite or masked score, and no real row reaches it (a finite maximum plus the log
+# of at most S keys stays finite; an infinite score makes the row NaN).
+_EMPTY = float("inf")
 
 
 class Config(NamedTuple):
@@ -339,7 +341,7 @@ def _forward_tile(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, mods: M
     if masked:
       s = jnp.where(_valid(cfg, t, rows, aux_j, mods, s.shape), s, -jnp.inf)
     m_new = jnp.maximum(m, jax.lax.stop_gradient(jnp.max(s, axis=-1)))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # NaN stays NaN: it must propagate
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m - m_safe)
     l = l * correction + jnp.sum(p, axis=-1)
@@ -361,10 +363,12 @@ def _forward_tile(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, mods: M
     (jnp.zeros((G, bq), f32), jnp.full((G, bq), -jnp.inf, f32)),
   )
   m, l, acc, (ps, mx) = _kv_scan(cfg, i, q_tile, heads, aux, step, init)
-  attended = l > 0
+  # Only a row that saw no key (l exactly 0) is special; a NaN l means a NaN
+  # score, query or scale, and must give NaN out, lse and stats, not a masked row.
+  attended = l != 0
   l_safe = jnp.where(attended, l, 1.0)
   out = jnp.where(attended[..., None], acc / l_safe[..., None], 0.0)
-  lse = jnp.where(attended, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_safe), _BIG)
+  lse = jnp.where(attended, m + jnp.log(l_safe), _EMPTY)
   extra = {}
   if stats:
     extra = {
@@ -405,8 +409,9 @@ def _tangent_tile(cfg: Config, d_score: tuple, i, q_tile: QTile, heads: Heads, a
       (d_raw, d_score, heads.dslopes),
     )
     p = jnp.exp(s - lse[..., None])
-    if masked:
-      p = jnp.where(_valid(cfg, t, rows, aux_j, mods, s.shape), p, 0.0)
+    if masked:  # both: a NaN score or tangent under the mask must not reach the row
+      valid = _valid(cfg, t, rows, aux_j, mods, s.shape)
+      p, ds = jnp.where(valid, p, 0.0), jnp.where(valid, ds, 0.0)
     pds = p * ds
     c = c + jnp.sum(pds, axis=-1)  # the log-sum-exp tangent: dropout does not enter it
     keep = _keep(cfg, j, q_tile)
@@ -646,7 +651,7 @@ def run(call: Call, want_stats: bool = False):
 
   out = jnp.moveaxis(untile(out, (D,)), -3, -2)  # (..., T, N, D)
   lse = untile(lse, ())
-  lse = jnp.where(lse >= _BIG / 2, -jnp.inf, lse)
+  lse = jnp.where(lse == _EMPTY, -jnp.inf, lse)
   if want_stats:
     return out, lse, {n: untile(s, ()) for n, s in stats.items()}
   return out, lse
@@ -712,9 +717,7 @@ def block_mask(
   """
   T = _masks.check_length("q_len", q_len)
   S = T if kv_len is None else _masks.check_length("kv_len", kv_len)
-  batch_shape = tuple(batch_shape)
-  if not all(isinstance(d, (int, np.integer)) and d > 0 for d in batch_shape):
-    raise ValueError(f"batch_shape must be a tuple of positive ints, got {batch_shape!r}.")
+  batch_shape = _masks.check_shape("batch_shape", batch_shape)
   B = math.prod(batch_shape)
   Nm = 1 if num_heads is None else _masks.check_length("num_heads", num_heads)
   d_bq, d_bk = default_blocks(T, S, structured=True)

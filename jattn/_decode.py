@@ -60,9 +60,7 @@ def init_cache(
   """
   proj = _params.Projections(params)
   max_len = _masks.check_length("max_len", max_len)
-  batch_shape = tuple(batch_shape)
-  if not all(isinstance(b, int) and b > 0 for b in batch_shape):
-    raise ValueError(f"batch_shape must be a tuple of positive ints, got {batch_shape!r}.")
+  batch_shape = _masks.check_shape("batch_shape", batch_shape)
   kernel = proj.key[0]
   dtype = kernel.dtype if dtype is None else dtype
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -89,10 +87,18 @@ def _check_cache(cache: Any, k: Array, v: Array) -> tuple[Array, Array, Array]:
     )
   if index.shape != () or not jnp.issubdtype(index.dtype, jnp.integer):
     raise TypeError(f"cache['index'] must be a scalar int, got {index.dtype}{index.shape}.")
+  for name, x in (("key", keys), ("value", values)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(
+        f"cache[{name!r}] must be floating point (it holds projected {name}s), got {x.dtype}."
+      )
   if T > L:
     raise ValueError(f"{T} new positions do not fit a cache of max_len {L}.")
-  if not isinstance(index, jax.core.Tracer) and int(index) + T > L:
-    raise ValueError(f"the cache is full: index {int(index)} + {T} new positions > max_len {L}.")
+  if not isinstance(index, jax.core.Tracer):
+    if int(index) < 0:
+      raise ValueError(f"cache['index'] must be >= 0 (the positions decoded so far), got {index}.")
+    if int(index) + T > L:
+      raise ValueError(f"the cache is full: index {int(index)} + {T} new positions > max_len {L}.")
   return keys, values, index
 
 
@@ -117,8 +123,8 @@ def decode_step(
   Returns:
     ``(outputs, cache)``: outputs ``(..., T, O)`` (or ``(..., T, N * D)``) as
     :func:`jattn.self_attention` gives them, and the cache with ``index + T``.
-    Outside ``jit`` a step that overflows the cache raises ``ValueError``;
-    under ``jit`` (a traced index) its outputs are NaN.
+    Outside ``jit`` a step that overflows the cache, or a negative index,
+    raises ``ValueError``; under ``jit`` (a traced index) its outputs are NaN.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jattn
@@ -158,7 +164,7 @@ def decode_step(
     q_start=index,
   )
   heads = _dot_product.run(call)
-  overflow = index + T > L
-  heads = jnp.where(overflow, jnp.nan, heads)
+  bad_index = (index < 0) | (index + T > L)
+  heads = jnp.where(bad_index, jnp.nan, heads)
   new_cache = {"key": keys, "value": values, "index": (index + T).astype(jnp.int32)}
   return _params.project_out(proj, heads), new_cache

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn import _blockwise, _naive, _ring, _spec
 from jattn._spec import Array
@@ -228,15 +229,35 @@ def attention_weights(
   if isinstance(queries, slice):
     index = jnp.arange(T)[queries]
   else:
-    index = jnp.asarray(queries)
-    if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
-      raise TypeError(f"queries must be a slice or 1-D integer indices, got {index.shape}.")
+    index = _query_index(queries, T)
   if index.shape[0] == 0:
     raise ValueError(f"queries {queries!r} selects none of the {T} queries.")
   scores, mask = _naive.scores_and_mask(call, index.astype(jnp.int32))
   weights = _naive.masked_softmax(scores, mask)
   share = _naive.sink_share(call, scores, mask)
   return weights if share is None else weights * share
+
+
+def _query_index(queries: Any, T: int) -> Array:
+  """``(T',)`` indices into ``T`` queries, negative ones counted from the end as in Python.
+
+  Concrete indices out of ``[-T, T)`` raise; traced ones cannot be checked at
+  trace time, so their rows come out NaN (as ``jnp.take(..., mode="fill")`` does).
+  """
+  if isinstance(queries, (jax.core.Tracer, jax.Array)):
+    index = queries
+  else:
+    index = np.asarray(queries)
+  if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise TypeError(
+      f"queries must be a slice or 1-D integer indices, got shape {index.shape} of {index.dtype}."
+    )
+  if not isinstance(index, jax.core.Tracer):
+    bad = np.asarray(index)[(np.asarray(index) < -T) | (np.asarray(index) >= T)]
+    if bad.size:
+      raise ValueError(f"queries {bad.tolist()} are out of range for {T} queries.")
+  index = jnp.asarray(index, jnp.int32)
+  return jnp.where(index < 0, index + T, index)
 
 
 def attention_stats(query: Array, key: Array, **options: Any) -> dict[str, Array]:

@@ -46,6 +46,18 @@ def check_length(name: str, value) -> int:
   return int(value)
 
 
+def check_shape(name: str, value) -> tuple[int, ...]:
+  """A tuple of positive ints from a tuple/list of integer-likes or one integer (a 1-tuple)."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    value = (value,)
+  if not isinstance(value, Sequence) or isinstance(value, str):
+    raise TypeError(f"{name} must be a tuple of positive ints, got {value!r}.")
+  try:
+    return tuple(check_length(f"{name}[{i}]", d) for i, d in enumerate(value))
+  except (TypeError, ValueError) as e:
+    raise type(e)(f"{name} must be a tuple of positive ints, got {value!r}: {e}") from None
+
+
 def normalize_window(window) -> tuple[int, int] | None:
   """Turns ``local_window_size`` (None, an int or a ``(left, right)`` pair) into a pair."""
   if window is None:

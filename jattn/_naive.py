@@ -87,7 +87,8 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
   Computed in float32 at least, with the row maximum subtracted. Masked entries
   get exactly zero weight, and a row whose entries are *all* masked gets all-zero
   weights (not NaN, and not the uniform average that ``jax.nn`` returns), with
-  finite (zero) gradients.
+  finite (zero) gradients. A NaN (or ``+inf``) among a row's unmasked logits
+  makes the whole row NaN; a NaN under the mask is masked like any other entry.
 
   Args:
     logits: ``(..., S)`` scores.
@@ -105,7 +106,8 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
     Array([0., 0.], dtype=float32)
   """
   unnormalized, _, total = _softmax_parts(logits, mask)
-  return unnormalized / jnp.where(total > 0, total, 1.0)
+  # Only an all-masked row (total exactly 0) is guarded: a NaN total stays NaN.
+  return unnormalized / jnp.where(total == 0, 1.0, total)
 
 
 def masked_logsumexp(logits: Array, mask: Array | None = None) -> Array:
@@ -119,7 +121,7 @@ def masked_logsumexp(logits: Array, mask: Array | None = None) -> Array:
     ``(...)`` in float32 at least, with finite gradients even for fully masked rows.
   """
   _, row_max, total = _softmax_parts(logits, mask)
-  attended = total[..., 0] > 0
+  attended = total[..., 0] != 0  # NaN counts as attended, so it propagates
   safe_total = jnp.where(attended, total[..., 0], 1.0)
   return jnp.where(attended, row_max[..., 0] + jnp.log(safe_total), -jnp.inf)
 
@@ -135,7 +137,9 @@ def _softmax_parts(logits: Array, mask: Array | None) -> tuple[Array, Array, Arr
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
   row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   # A row of -inf scores (e.g. from a -inf bias) would otherwise give inf - inf = NaN.
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  # Only -inf is replaced: a NaN (or +inf) maximum must make the row NaN, not
+  # leave it unnormalised.
+  row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)
   unnormalized = jnp.exp(logits - row_max)
   if mask is not None:
     unnormalized = jnp.where(mask, unnormalized, 0.0)

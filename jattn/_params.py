@@ -174,8 +174,13 @@ def init(
     raise ValueError(
       f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})."
     )
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.") from None
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be floating point, got {dtype}.")
+  _check_rng(rng)
   if bias_init is not None and not use_bias:
     raise ValueError("bias_init is given but use_bias=False: there are no biases to initialise.")
   bias_init = jax.nn.initializers.zeros if bias_init is None else bias_init
@@ -208,22 +213,66 @@ def init(
   return params
 
 
-def _entry(params: Any, name: str) -> tuple[Array, Array | None]:
+_KEYS = (*_PROJECTIONS, "out", "sinks")
+_ENTRY_KEYS = ("kernel", "bias")
+
+
+def _check_keys(params: Any) -> None:
+  """Params are a mapping of known keys only: a typo must not silently change the model."""
   if not isinstance(params, Mapping):
     raise TypeError(
       f"params must be a mapping like jattn.init's output, got {type(params).__name__}."
     )
+  unknown = sorted(map(str, set(params) - set(_KEYS)))
+  if unknown:
+    raise ValueError(
+      f"params has unknown keys {unknown}; expected 'query', 'key', 'value' and optionally "
+      f"'out' and 'sinks' (it has {sorted(map(str, params))})."
+    )
+  for name in set(params) & {*_PROJECTIONS, "out"}:
+    entry = params[name]
+    extra = sorted(map(str, set(entry) - set(_ENTRY_KEYS))) if isinstance(entry, Mapping) else []
+    if extra:
+      raise ValueError(
+        f"params[{name!r}] has unknown keys {extra}; expected 'kernel' and optionally 'bias'."
+      )
+
+
+def _check_rng(rng: Any) -> None:
+  """A single PRNG key: typed (``jax.random.key``) or raw (``jax.random.PRNGKey``, uint32)."""
+  typed = isinstance(rng, jax.Array) and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if typed and rng.shape == ():
+    return
+  if not typed and isinstance(rng, (jax.Array, np.ndarray)) and rng.dtype == np.uint32:
+    if rng.ndim == 1:  # raw key data; its length depends on the PRNG implementation
+      return
+  what = f"{rng.dtype}{list(rng.shape)}" if hasattr(rng, "shape") else type(rng).__name__
+  raise TypeError(f"rng must be one PRNG key (jax.random.key(seed)), got {what}.")
+
+
+def _entry(params: Any, name: str) -> tuple[Array, Array | None]:
   if name not in params:
     raise ValueError(
       f"params is missing the {name!r} entry; it has {sorted(params)}. "
-      "Expected keys: 'query', 'key', 'value' and optionally 'out'."
+      "Expected keys: 'query', 'key', 'value' and optionally 'out' and 'sinks'."
     )
   entry = params[name]
   if not isinstance(entry, Mapping) or "kernel" not in entry:
     raise ValueError(f"params[{name!r}] must be a mapping with a 'kernel' (and optional 'bias').")
-  kernel = jnp.asarray(entry["kernel"])
   bias = entry.get("bias")
-  return kernel, None if bias is None else jnp.asarray(bias)
+  return _leaf(name, "kernel", entry["kernel"]), None if bias is None else _leaf(name, "bias", bias)
+
+
+def _leaf(name: str, part: str, x: Any) -> Array:
+  """``params[name][part]`` as a floating-point array, or an error naming it."""
+  try:
+    x = jnp.asarray(x)
+  except (TypeError, ValueError) as e:
+    what = type(x).__name__
+    raise TypeError(f"params[{name!r}][{part!r}] must be an array, got {what}: {e}") from None
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"params[{name!r}][{part!r}] must be floating point, got {x.dtype}.")
+  return x
 
 
 def _headed(name: str, kernel: Array, bias: Array | None) -> tuple[Array, Array | None]:
@@ -250,6 +299,7 @@ class Projections:
   """A validated view of a params pytree: normalised kernels and their sizes."""
 
   def __init__(self, params: Any):
+    _check_keys(params)
     entries = {name: _headed(name, *_entry(params, name)) for name in _PROJECTIONS}
     self.query, self.key, self.value = (entries[n] for n in _PROJECTIONS)
     (q_kernel, _), (k_kernel, _), (v_kernel, _) = self.query, self.key, self.value

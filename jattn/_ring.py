@@ -83,7 +83,7 @@ def zigzag_order(length: int, num_devices: int) -> np.ndarray:
 def _merge(out, lse, out_j, lse_j):
   """Log-sum-exp merge of two partial attentions: out ``(..., T, N, D)``, lse ``(..., N, T)``."""
   new = jnp.logaddexp(lse, lse_j)
-  safe = jnp.where(jnp.isfinite(new), new, 0.0)
+  safe = jnp.where(new == -jnp.inf, 0.0, new)  # NaN propagates
   w_old = jnp.moveaxis(jnp.exp(lse - safe), -2, -1)[..., None]  # (..., T, N, 1)
   w_new = jnp.moveaxis(jnp.exp(lse_j - safe), -2, -1)[..., None]
   return (out * w_old + out_j * w_new).astype(out.dtype), new
@@ -263,7 +263,7 @@ def _ring_fn(plan: _Plan, call: Call):
     f32 = lse.dtype
     (q,), (dq,) = q_side.x, d_q.x
     d_consts = jax.tree.map(_blockwise._float_tangent, consts, d_consts)
-    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)
 
     # With w_j = exp(lse_j - lse): lse' = sum_j w_j lse_j', and
     # out' = sum_j w_j (out_j' + lse_j' out_j) - lse' out. Each step adds its blocks' terms.

@@ -298,9 +298,16 @@ def check_scale(scale: Any, head_dim: int) -> Any:
     return scale
   if isinstance(scale, (bool, np.bool_)) or np.ndim(scale) != 0:
     raise ValueError(f"scale must be a real scalar, got {scale!r}.")
-  if not np.isrealobj(scale):
+  if isinstance(scale, (str, bytes)) or not np.isrealobj(scale):
     raise TypeError(f"scale must be a real scalar, got {scale!r}.")
-  return float(scale)
+  try:
+    value = float(scale)
+  except (TypeError, ValueError):
+    raise TypeError(f"scale must be a real scalar, got {scale!r}.") from None
+  if not math.isfinite(value):
+    # A traced non-finite scale makes every output NaN; a static one is a bug to name now.
+    raise ValueError(f"scale must be finite, got {value}.")
+  return value
 
 
 def check_flag(name: str, value: Any) -> bool:

@@ -334,3 +334,35 @@ def test_both_kinds_of_mesh_with_and_without_set_mesh(kind, context):
   np.testing.assert_allclose(
     tangent, jax.jvp(single, (q,), (jnp.ones_like(q),))[1], atol=1e-5, rtol=1e-5
   )
+
+
+def test_nan_propagates_across_devices_and_masked_rows_stay_zero():
+  # A NaN key on device 2 (positions 8..11 of 32) reaches, through the ring, exactly the
+  # causal rows after it on devices 2..7, in outputs, log-sum-exp, gradients and tangents;
+  # rows with no key (query lengths) stay exact zeros with lse -inf.
+  mesh = jax.make_mesh((8,), ("seq",))
+  q, k, v = qkv((), 32, 32, 2, 2)
+  k = k.at[9, 0, 0].set(jnp.nan)
+  lengths = jnp.array(28)
+
+  def ring(q, k):
+    return jattn.ring_attention(
+      q,
+      k,
+      v,
+      mesh=mesh,
+      axis_name="seq",
+      is_causal=True,
+      query_seq_lengths=lengths,
+      return_lse=True,
+    )
+
+  out, lse = ring(q, k)
+  assert np.isfinite(out[:9]).all() and np.isfinite(lse[:, :9]).all()
+  assert np.isnan(out[9:28, 0]).all() and np.isnan(lse[0, 9:28]).all()
+  assert np.isfinite(out[:, 1]).all()  # the other head never sees it
+  assert (np.asarray(out[28:]) == 0).all() and np.isneginf(lse[:, 28:]).all()
+  grad = jax.grad(lambda k: ring(q, k)[0][:, 0].sum())(k)
+  assert np.isnan(grad[9, 0]).any() and np.isfinite(grad[:, 1]).all()
+  tangent = jax.jvp(lambda q: ring(q, k)[0], (q,), (jnp.ones_like(q),))[1]
+  assert np.isnan(tangent[9:28, 0]).all() and np.isfinite(tangent[:9]).all()
