@@ -356,8 +356,20 @@ class Projections:
     return {**options, "sinks": self.sinks}
 
 
-def _check_input(name: str, x: Any, features: int, kernel_shape: tuple[int, ...]) -> Array:
+def check_real(name: str, x: Any) -> Array:
+  """``x`` as an array of real numbers: floats, or integers (promoted to float32 later).
+
+  Complex inputs would lose their imaginary part in the projections, and booleans
+  are masks, not features: both are a ``TypeError`` naming ``name``.
+  """
   x = jnp.asarray(x)
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+    raise TypeError(f"{name} must hold real numbers (float or int), got dtype {x.dtype}.")
+  return x
+
+
+def _check_input(name: str, x: Any, features: int, kernel_shape: tuple[int, ...]) -> Array:
+  x = check_real(name, x)
   if x.ndim < 2:
     raise ValueError(f"{name} must have rank >= 2, laid out (..., seq, features); got {x.shape}.")
   if x.shape[-1] != features:
@@ -412,6 +424,8 @@ def project_out(proj: Projections, heads: Array) -> Array:
 def cast(dtype: Any, params: Any, *inputs: Any) -> tuple[Any, list[Array]]:
   """Params and inputs in the computation dtype of a module: ``dtype``, or else the
   promoted dtype of inputs and params (float32 for integer inputs)."""
+  names = ("inputs_q", "inputs_kv")  # the modules' argument names, in this order
+  inputs = [check_real(n, x) for n, x in zip(names, inputs, strict=False)]
   dtype = dtype or jnp.result_type(*inputs, *jax.tree.leaves(params))
   if not jnp.issubdtype(dtype, jnp.floating):
     dtype = jnp.float32

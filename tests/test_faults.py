@@ -247,3 +247,37 @@ def test_init_names_a_bad_dtype_and_takes_both_kinds_of_key():
   typed = jattn.init(jax.random.key(0), 4, 3)
   raw = jattn.init(jax.random.PRNGKey(0), 4, 3)
   np.testing.assert_array_equal(typed["query"]["kernel"], raw["query"]["kernel"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.bool_])
+def test_complex_or_boolean_inputs_are_named_not_cast(dtype):
+  from flax import nnx
+
+  from jattn import linen
+  from jattn import nnx as jattn_nnx
+
+  x = jnp.ones((2, 3, 4), dtype)
+  calls = {
+    "x": lambda: jattn.self_attention(jattn.init(jax.random.key(0), 4, 2), x),
+    "inputs_q": lambda: linen.MultiHeadAttention(num_heads=2, head_dim=2).init(
+      jax.random.key(0), x
+    ),
+    "inputs_kv": lambda: jattn_nnx.MultiHeadAttention(
+      num_heads=2, in_features=4, head_dim=2, rngs=nnx.Rngs(0)
+    )(jnp.ones((2, 3, 4)), x),
+  }
+  for name, call in calls.items():
+    with pytest.raises(TypeError, match=f"{name} must hold real numbers.*{jnp.dtype(dtype)}"):
+      call()
+
+
+def test_tile_sizes_and_ring_arguments_are_checked_on_every_path(rng):
+  q, k, v = _qkv(rng)
+  for implementation in ("naive", "auto", "blockwise"):  # checked even where unused
+    with pytest.raises(ValueError, match="block_q must be positive, got -3"):
+      jattn.dot_product_attention(q, k, v, block_q=-3, implementation=implementation)
+  mesh = jax.make_mesh((1,), ("seq",))
+  with pytest.raises(TypeError, match=r"mesh must be a jax\.sharding\.Mesh, got str"):
+    jattn.ring_attention(q, k, v, mesh="seq", axis_name="seq")
+  with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\), got -1.0"):
+    jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", dropout_rate=-1.0, deterministic=True)
