@@ -261,9 +261,9 @@ SLOW_TRAIN = """
 import sys, time
 from jattn import cli, training
 batches = training.batches
-def slow(*args):  # 20 ms a step, so the test can interrupt it mid-run
+def slow(*args):  # 50 ms a step, so the test can interrupt it mid-run
   for batch in batches(*args):
-    time.sleep(0.02)
+    time.sleep(0.05)
     yield batch
 training.batches = slow
 sys.exit(cli.main(sys.argv[1:]))
