@@ -186,15 +186,14 @@ def train(args: argparse.Namespace) -> int:
   if args.resume and args.checkpoint_dir is None:
     raise ValueError("--resume needs --checkpoint-dir")
   task = training.TASKS[args.task]
-  if args.checkpoint_dir is not None and not args.resume and checkpoint.steps(args.checkpoint_dir):
+  held = [] if args.checkpoint_dir is None else checkpoint.steps(args.checkpoint_dir)
+  if held and not args.resume:
     raise ValueError(
       f"--checkpoint-dir {args.checkpoint_dir} already holds checkpoints (up to step "
-      f"{checkpoint.steps(args.checkpoint_dir)[-1]}): add --resume to continue that run, or "
-      "choose another directory"
+      f"{held[-1]}): add --resume to continue that run, or choose another directory"
     )
   print(f"jattn train: {task.description}; {args.steps} steps on {jax.devices()[0]}")
-  resumed_from = checkpoint.steps(args.checkpoint_dir) if args.resume else []
-  done = [resumed_from[-1] if resumed_from else 0]  # the last step run, reported on Ctrl-C
+  done = [held[-1] if held else 0]  # the last step run, reported on Ctrl-C
   try:
     with tqdm(total=args.steps, desc=args.task, unit="step") as bar:
 

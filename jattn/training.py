@@ -343,9 +343,10 @@ def train(
     custom_params=params is not None,
     extra=metadata,
   )
-  if checkpoint_dir is not None and not resume and checkpoint.steps(checkpoint_dir):
+  held = [] if checkpoint_dir is None or resume else checkpoint.steps(checkpoint_dir)
+  if held:
     raise ValueError(
-      f"{checkpoint_dir} already holds checkpoints (steps {checkpoint.steps(checkpoint_dir)}): "
+      f"{checkpoint_dir} already holds checkpoints (steps {held}): "
       "continue that run with resume=True (jattn train --resume), or use another directory."
     )
   if optimizer is None:
