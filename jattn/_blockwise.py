@@ -599,7 +599,7 @@ def run(call: Call, want_stats: bool = False):
   rows, rate, impl = None, 0.0, None
   if call.dropout is not None:
     rate, impl = call.dropout.rate, jax.random.key_impl(call.dropout.rng)
-    keys = _dropout.row_keys(_dropout.head_keys(call.dropout.rng, batch, N), jnp.arange(nq * bq))
+    keys = _dropout.row_keys(_dropout.head_keys(call.dropout, batch, N), jnp.arange(nq * bq))
     keys = jax.random.key_data(keys)  # (B, N, nq * bq, W)
     W = keys.shape[-1]
     rows = keys.reshape(B * K, G, nq, bq, W).transpose(0, 2, 1, 3, 4)  # like the queries

@@ -94,6 +94,9 @@ def dot_product_attention(
         with probability ``dropout_rate`` (kept ones scaled by
         ``1 / (1 - rate)``), keyed by the rng and the (batch, head, query, key)
         position only, so every implementation drops the same weights.
+      - ``broadcast_dropout``: True draws one ``(T, S)`` keep mask shared by
+        every batch element and head (Flax's ``broadcast_dropout``; its modules'
+        default); False (default) drops each weight independently.
       - ``return_weights``: also return the weights as applied (naive path).
       - ``return_lse``: also return the log-sum-exp of each query's scores,
         ``-inf`` for a query that attends nothing.
@@ -186,6 +189,7 @@ _WEIGHT_OPTIONS_EXCLUDED = (
   "block_mask",
   "dropout_rate",
   "dropout_rng",
+  "broadcast_dropout",
   "deterministic",
   "return_weights",
   "return_lse",
@@ -290,6 +294,7 @@ def attention_stats(query: Array, key: Array, **options: Any) -> dict[str, Array
     "implementation",
     "dropout_rate",
     "dropout_rng",
+    "broadcast_dropout",
     "deterministic",
     "return_weights",
     "return_lse",

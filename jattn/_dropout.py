@@ -7,7 +7,9 @@ of the weight alone::
   keep(b, n, t, s) = bits(b, n, t, s) >= round(rate * 2**32)
 
 where ``b`` is the index into the flattened leading batch dimensions and ``n``
-the query head. No single random draw over a ``(..., N, T, S)`` array is made,
+the query head; with ``broadcast`` (Flax's ``broadcast_dropout``) ``b = n = 0``
+everywhere, so one ``(T, S)`` mask is shared by every batch element and head.
+No single random draw over a ``(..., N, T, S)`` array is made,
 so the naive path, the blockwise path (whatever its block sizes) and a sharded
 path drop exactly the same weights for the same rng. Kept weights are scaled by
 ``1 / (1 - rate)``, as in Flax and PyTorch.
@@ -32,12 +34,16 @@ class Dropout(NamedTuple):
 
   rate: float
   rng: Array  # a typed PRNG key, shape ()
+  broadcast: bool = False  # one mask shared over batch and heads
 
 
-def check_dropout(rate: Any, rng: Any, deterministic: Any) -> Dropout | None:
-  """Validates ``dropout_rate``/``dropout_rng``/``deterministic``; None when nothing is dropped."""
-  if not isinstance(deterministic, (bool, np.bool_)):
-    raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}.")
+def check_dropout(
+  rate: Any, rng: Any, deterministic: Any, broadcast: Any = False
+) -> Dropout | None:
+  """Validates the dropout options; None when nothing is dropped."""
+  for name, flag in (("deterministic", deterministic), ("broadcast_dropout", broadcast)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{name} must be a bool, got {type(flag).__name__}.")
   if isinstance(rate, jax.core.Tracer):
     raise TypeError("dropout_rate must be a Python float (static), not a traced value.")
   if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, float, np.number)):
@@ -60,13 +66,18 @@ def check_dropout(rate: Any, rng: Any, deterministic: Any) -> Dropout | None:
     rng = jax.random.wrap_key_data(rng)  # a legacy jax.random.PRNGKey
   if rng.shape != ():
     raise ValueError(f"dropout_rng must be a single key, got a key array of shape {rng.shape}.")
-  return Dropout(rate, rng)
+  return Dropout(rate, rng, bool(broadcast))
 
 
-def head_keys(rng: Array, batch: tuple[int, ...], num_heads: int) -> Array:
+def head_keys(dropout: Dropout, batch: tuple[int, ...], num_heads: int) -> Array:
   """Keys of every (batch element, query head): ``(B, N)`` with ``B = prod(batch)``."""
-  per_batch = _fold_each(rng, jnp.arange(math.prod(batch)))
-  return jax.vmap(lambda key: _fold_each(key, jnp.arange(num_heads)))(per_batch)
+  B = math.prod(batch)
+  if dropout.broadcast:  # every (b, n) folds in (0, 0): one mask for all
+    b, n = jnp.zeros(B, jnp.int32), jnp.zeros(num_heads, jnp.int32)
+  else:
+    b, n = jnp.arange(B), jnp.arange(num_heads)
+  per_batch = _fold_each(dropout.rng, b)
+  return jax.vmap(lambda key: _fold_each(key, n))(per_batch)
 
 
 def row_keys(keys: Array, q_pos: Array) -> Array:
@@ -90,7 +101,7 @@ def keep_mask(rows: Array, kv_pos: Array, rate: float) -> Array:
 def apply(dropout: Dropout, weights: Array, batch: tuple[int, ...]) -> Array:
   """Drops and rescales ``weights (..., N, T, S)`` (the naive path)."""
   N, T, S = weights.shape[-3:]
-  keys = head_keys(dropout.rng, batch, N)  # (B, N)
+  keys = head_keys(dropout, batch, N)  # (B, N)
   keep = keep_mask(row_keys(keys, jnp.arange(T)), jnp.arange(S), dropout.rate)
   keep = keep.reshape(*batch, N, T, S)
   return jnp.where(keep, weights / (1.0 - dropout.rate), 0.0).astype(weights.dtype)

@@ -80,6 +80,7 @@ class Options:
   block_kv: Any = None
   dropout_rate: Any = 0.0
   dropout_rng: Any = None
+  broadcast_dropout: Any = False
   deterministic: Any = False
   return_weights: Any = False
   return_lse: Any = False
@@ -547,7 +548,9 @@ def describe(
     slopes=check_slopes(opts.alibi_slopes, dims),
     soft_cap=check_soft_cap(opts.logits_soft_cap),
     sinks=check_sinks(opts.sinks, dims),
-    dropout=_dropout.check_dropout(opts.dropout_rate, opts.dropout_rng, opts.deterministic),
+    dropout=_dropout.check_dropout(
+      opts.dropout_rate, opts.dropout_rng, opts.deterministic, opts.broadcast_dropout
+    ),
     implementation=_resolve(opts.implementation, dims, return_weights),
     block_q=block_q,
     block_kv=block_kv,
