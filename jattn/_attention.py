@@ -17,13 +17,17 @@ from jattn import _dot_product, _naive, _params, _spec
 Array = jax.Array
 
 
-def attention(params: Any, x_q: Array, x_kv: Array, **options: Any) -> Array | tuple[Array, Array]:
+def attention(
+  params: Any, x_q: Array, x_kv: Array, x_v: Array | None = None, **options: Any
+) -> Array | tuple[Array, Array]:
   """Cross-attention: queries from ``x_q`` attend keys and values from ``x_kv``.
 
   Args:
     params: a pytree from :func:`jattn.init` (or Flax ``MultiHeadDotProductAttention``).
     x_q: ``(..., T, F)`` query inputs.
     x_kv: ``(..., S, Fkv)`` key/value inputs, with the same leading dimensions.
+    x_v: ``(..., S, Fv)`` value inputs when they differ from the keys' (Flax's
+      ``inputs_v``); default ``x_kv``.
     **options: the keyword options of :func:`jattn.dot_product_attention`
       (masks, mods, lengths, ``implementation``, dropout, ``return_weights``, ...).
 
@@ -41,7 +45,7 @@ def attention(params: Any, x_q: Array, x_kv: Array, **options: Any) -> Array | t
     (3, 5, 8)
   """
   proj = _params.Projections(params)
-  q, k, v = _params.project_qkv(proj, x_q, x_kv)
+  q, k, v = _params.project_qkv(proj, x_q, x_kv, x_v)
   result = _dot_product.dot_product_attention(q, k, v, **proj.options(options))
   if isinstance(result, tuple):  # (heads, weights and/or lse)
     return _params.project_out(proj, result[0]), *result[1:]

@@ -7,6 +7,8 @@ a pytree moves between jattn and Flax with no conversion::
    "key":   {"kernel": (Fkv, K, H), "bias": (K, H)},
    "value": {"kernel": (Fkv, K, D), "bias": (K, D)},
    "out":   {"kernel": (N, D, O), "bias": (O,)},        # "out" optional
+   "query_ln": {"scale": (H,)},                          # optional: Flax's normalize_qk
+   "key_ln":   {"scale": (H,)},                          #   LayerNorms of queries and keys
    "sinks": (N,)}                                        # optional: gpt-oss's sink logits
 
   F  query input features     Fkv  key/value input features     O  output features
@@ -20,6 +22,7 @@ concatenated: ``(..., T, N * D)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -97,6 +100,27 @@ def get_initializer(
   return INITIALIZERS[key](in_axis, out_axis, dtype, stddev)
 
 
+def flat_init(initializer: Callable, fan_in_axes: int) -> Callable:
+  """``initializer`` applied to the flat matrix of a multi-axis kernel, as Flax does.
+
+  A kernel ``(F, N, H)`` is drawn as the ``(F, N * H)`` matrix it acts as (and
+  ``(N, D, O)`` as ``(N * D, O)``; a bias ``(N, H)`` as ``(N * H,)`` with
+  ``fan_in_axes=0``), then reshaped, so any ``jax.nn.initializers`` callable sees
+  the fan-in and fan-out of that matrix: the parameters of ``DenseGeneral`` /
+  ``LinearGeneral`` for the same rng.
+  """
+
+  def init(rng: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    shape = tuple(shape)
+    if fan_in_axes:
+      flat = (math.prod(shape[:fan_in_axes]), math.prod(shape[fan_in_axes:]))
+    else:
+      flat = (math.prod(shape),)
+    return jnp.reshape(initializer(rng, flat, dtype), shape)
+
+  return init
+
+
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
   if value is None and allow_none:
     return
@@ -136,9 +160,11 @@ def init(
     out_features: ``O``: add an ``"out"`` projection ``(N, D, O)``; None (the
       default, as in the walkthrough) concatenates the heads instead.
     use_bias: add biases to every projection.
-    kernel_init: an initializer name (see :func:`get_initializer`) or callable.
+    kernel_init: an initializer name (see :func:`get_initializer`) or callable,
+      applied to each kernel's flat matrix ``(F, N * H)`` / ``(N * D, O)`` and
+      reshaped (:func:`flat_init`), so its fans are those Flax gives it.
     bias_init: a ``jax.nn.initializers`` initializer for the biases (default
-      zeros); only with ``use_bias=True``.
+      zeros), applied to the flat ``(N * H,)``; only with ``use_bias=True``.
     stddev: standard deviation for ``kernel_init="normal"`` (default 0.02); only
       with that initializer.
     use_sinks: add ``"sinks"``, one learnable sink logit per query head
@@ -190,30 +216,28 @@ def init(
   if stddev is not None and not is_normal:
     raise ValueError(f"stddev applies to kernel_init='normal' only, not {kernel_init!r}.")
   stddev = 0.02 if stddev is None else stddev
-  in_init = get_initializer(kernel_init, in_axis=0, out_axis=(1, 2), dtype=dtype, stddev=stddev)
+  kernel_init = get_initializer(kernel_init, dtype=dtype, stddev=stddev)
   shapes = {
     "query": ((in_features, num_heads, head_dim), (num_heads, head_dim)),
     "key": ((kv_features, num_kv_heads, head_dim), (num_kv_heads, head_dim)),
     "value": ((kv_features, num_kv_heads, v_head_dim), (num_kv_heads, v_head_dim)),
   }
-  inits = dict.fromkeys(shapes, in_init)
   if out_features is not None:
     shapes["out"] = ((num_heads, v_head_dim, out_features), (out_features,))
-    inits["out"] = get_initializer(
-      kernel_init, in_axis=(0, 1), out_axis=2, dtype=dtype, stddev=stddev
-    )
   keys = jax.random.split(rng, 2 * len(shapes))
   params = {}
   for i, (name, (kernel_shape, bias_shape)) in enumerate(shapes.items()):
-    params[name] = {"kernel": inits[name](keys[2 * i], kernel_shape, dtype)}
+    fan_in = 2 if name == "out" else 1
+    params[name] = {"kernel": flat_init(kernel_init, fan_in)(keys[2 * i], kernel_shape, dtype)}
     if use_bias:
-      params[name]["bias"] = bias_init(keys[2 * i + 1], bias_shape, dtype)
+      params[name]["bias"] = flat_init(bias_init, 0)(keys[2 * i + 1], bias_shape, dtype)
   if use_sinks:
     params["sinks"] = jnp.zeros((num_heads,), dtype)
   return params
 
 
-_KEYS = (*_PROJECTIONS, "out", "sinks")
+_NORMS = ("query_ln", "key_ln")
+_KEYS = (*_PROJECTIONS, "out", *_NORMS, "sinks")
 _ENTRY_KEYS = ("kernel", "bias")
 
 
@@ -227,7 +251,7 @@ def _check_keys(params: Any) -> None:
   if unknown:
     raise ValueError(
       f"params has unknown keys {unknown}; expected 'query', 'key', 'value' and optionally "
-      f"'out' and 'sinks' (it has {sorted(map(str, params))})."
+      f"'out', 'query_ln', 'key_ln' and 'sinks' (it has {sorted(map(str, params))})."
     )
   for name in set(params) & {*_PROJECTIONS, "out"}:
     entry = params[name]
@@ -236,6 +260,11 @@ def _check_keys(params: Any) -> None:
       raise ValueError(
         f"params[{name!r}] has unknown keys {extra}; expected 'kernel' and optionally 'bias'."
       )
+  for name in set(params) & set(_NORMS):
+    entry = params[name]
+    if not isinstance(entry, Mapping) or set(entry) != {"scale"}:
+      keys = sorted(map(str, entry)) if isinstance(entry, Mapping) else type(entry).__name__
+      raise ValueError(f"params[{name!r}] must be {{'scale': (head_dim,)}}; got {keys}.")
 
 
 def _check_rng(rng: Any) -> None:
@@ -309,9 +338,9 @@ class Projections:
         "query and key kernels must project to the same head size (they are dotted): "
         f"query kernel {q_kernel.shape}, key kernel {k_kernel.shape}."
       )
-    if k_kernel.shape[:2] != v_kernel.shape[:2]:
+    if k_kernel.shape[1] != v_kernel.shape[1]:
       raise ValueError(
-        "key and value kernels must share input features and heads: "
+        "key and value kernels must have the same number of heads: "
         f"key kernel {k_kernel.shape}, value kernel {v_kernel.shape}."
       )
     if q_kernel.shape[1] % k_kernel.shape[1]:
@@ -337,6 +366,9 @@ class Projections:
           f"params['out']['bias'] must have shape {kernel.shape[2:]}; got {bias.shape}."
         )
       self.out = (kernel, bias)
+    self.query_ln, self.key_ln = (
+      _norm_scale(params, name, self.head_dim) if name in params else None for name in _NORMS
+    )
     self.sinks = None
     if "sinks" in params:
       sinks = jnp.asarray(params["sinks"])
@@ -354,6 +386,30 @@ class Projections:
     if options.get("sinks") is not None:
       raise ValueError("params has 'sinks': do not pass sinks= as well.")
     return {**options, "sinks": self.sinks}
+
+
+def _norm_scale(params: Any, name: str, head_dim: int) -> Array:
+  scale = _leaf(name, "scale", params[name]["scale"])
+  if scale.shape != (head_dim,):
+    raise ValueError(
+      f"params[{name!r}]['scale'] must have shape ({head_dim},), the head size; got {scale.shape}."
+    )
+  return scale
+
+
+def layer_norm(x: Array, scale: Array, epsilon: float = 1e-6) -> Array:
+  """Flax's ``LayerNorm(use_bias=False)`` over the last axis (``normalize_qk``).
+
+  Statistics in float32 at least, with Flax's fast variance
+  ``E[x^2] - E[x]^2`` (clipped at 0) and ``epsilon``, so its numbers are Flax's.
+  """
+  stats = x.astype(jnp.promote_types(jnp.float32, x.dtype))
+  mean = jnp.mean(stats, axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(stats), axis=-1, keepdims=True) - jnp.square(mean))
+  dtype = jnp.result_type(x, scale)
+  scale = jnp.reshape(scale, (1,) * (x.ndim - 1) + scale.shape).astype(stats.dtype)
+  mul = jax.lax.rsqrt(var + epsilon) * scale
+  return ((x.astype(stats.dtype) - mean) * mul).astype(dtype)
 
 
 def check_real(name: str, x: Any) -> Array:
@@ -394,19 +450,37 @@ def project(x: Array, kernel: Array, bias: Array | None) -> Array:
   return y if bias is None else y + jnp.broadcast_to(bias.astype(dtype), y.shape)
 
 
-def project_qkv(proj: Projections, x_q: Any, x_kv: Any) -> tuple[Array, Array, Array]:
-  """Step 3: queries ``(..., T, N, H)``, keys ``(..., S, K, H)``, values ``(..., S, K, D)``."""
-  q_kernel, k_kernel = proj.query[0], proj.key[0]
-  q_name, kv_name = ("x", "x") if x_q is x_kv else ("x_q", "x_kv")
-  x_q = _check_input(q_name, x_q, q_kernel.shape[0], q_kernel.shape)
-  x_kv = _check_input(kv_name, x_kv, k_kernel.shape[0], k_kernel.shape)
-  if x_q.shape[:-2] != x_kv.shape[:-2]:
+def project_qkv(
+  proj: Projections, x_q: Any, x_k: Any, x_v: Any = None
+) -> tuple[Array, Array, Array]:
+  """Step 3: queries ``(..., T, N, H)``, keys ``(..., S, K, H)``, values ``(..., S, K, D)``.
+
+  Keys and values are projected from ``x_k`` (``x_v`` defaults to it); with
+  ``"query_ln"``/``"key_ln"`` the queries/keys are then layer-normalised.
+  """
+  q_kernel, k_kernel, v_kernel = proj.query[0], proj.key[0], proj.value[0]
+  if x_v is None:
+    names = ("x", "x", "x") if x_q is x_k else ("x_q", "x_kv", "x_kv")
+  else:
+    names = ("x_q", "x_k", "x_v")
+  x_q = _check_input(names[0], x_q, q_kernel.shape[0], q_kernel.shape)
+  x_k = _check_input(names[1], x_k, k_kernel.shape[0], k_kernel.shape)
+  x_v = x_k if x_v is None else x_v
+  x_v = _check_input(names[2], x_v, v_kernel.shape[0], v_kernel.shape)
+  if not x_q.shape[:-2] == x_k.shape[:-2] == x_v.shape[:-2] or x_k.shape[-2] != x_v.shape[-2]:
+    shapes = " and ".join(
+      f"{n} {x.shape}" for n, x in dict(zip(names, (x_q, x_k, x_v), strict=True)).items()
+    )
     raise ValueError(
-      f"x_q {x_q.shape} and x_kv {x_kv.shape} must have the same leading batch dimensions."
+      f"{shapes} must have the same leading batch dimensions (and keys and values the same length)."
     )
   q = project(x_q, *proj.query)
-  k = project(x_kv, *proj.key)
-  v = project(x_kv, *proj.value)
+  k = project(x_k, *proj.key)
+  v = project(x_v, *proj.value)
+  if proj.query_ln is not None:
+    q = layer_norm(q, proj.query_ln)
+  if proj.key_ln is not None:
+    k = layer_norm(k, proj.key_ln)
   dtype = jnp.result_type(q, k, v)
   return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
@@ -424,7 +498,7 @@ def project_out(proj: Projections, heads: Array) -> Array:
 def cast(dtype: Any, params: Any, *inputs: Any) -> tuple[Any, list[Array]]:
   """Params and inputs in the computation dtype of a module: ``dtype``, or else the
   promoted dtype of inputs and params (float32 for integer inputs)."""
-  names = ("inputs_q", "inputs_kv")  # the modules' argument names, in this order
+  names = ("inputs_q", "inputs_k", "inputs_v")  # the modules' argument names, in order
   inputs = [check_real(n, x) for n, x in zip(names, inputs, strict=False)]
   dtype = dtype or jnp.result_type(*inputs, *jax.tree.leaves(params))
   if not jnp.issubdtype(dtype, jnp.floating):
