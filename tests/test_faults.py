@@ -259,12 +259,10 @@ def test_complex_or_boolean_inputs_are_named_not_cast(dtype):
   x = jnp.ones((2, 3, 4), dtype)
   calls = {
     "x": lambda: jattn.self_attention(jattn.init(jax.random.key(0), 4, 2), x),
-    "inputs_q": lambda: linen.MultiHeadAttention(num_heads=2, head_dim=2).init(
-      jax.random.key(0), x
+    "inputs_q": lambda: linen.MultiHeadDotProductAttention(num_heads=2).init(jax.random.key(0), x),
+    "inputs_k": lambda: jattn_nnx.MultiHeadAttention(2, 4, rngs=nnx.Rngs(0))(
+      jnp.ones((2, 3, 4)), x
     ),
-    "inputs_kv": lambda: jattn_nnx.MultiHeadAttention(
-      num_heads=2, in_features=4, head_dim=2, rngs=nnx.Rngs(0)
-    )(jnp.ones((2, 3, 4)), x),
   }
   for name, call in calls.items():
     with pytest.raises(TypeError, match=f"{name} must hold real numbers.*{jnp.dtype(dtype)}"):

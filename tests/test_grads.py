@@ -270,7 +270,7 @@ def nnx_apply(x, **options):
   params, and ``holding``: ``p -> a concrete module holding p``."""
   abstract = nnx.eval_shape(
     lambda: jattn.nnx.MultiHeadAttention(
-      x.shape[-1], **options, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+      in_features=x.shape[-1], **options, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
     )
   )
   graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
@@ -320,16 +320,17 @@ def test_nnx_module(rng, x64):
 
 
 def test_modules_with_default_and_other_options(rng, x64):
-  """By default an out projection to the inputs' features and no biases; then no out projection,
-  a scale and a window: the pure function's gradients in each case."""
+  """By default (Flax's) an out projection to the inputs' features and biases; then no biases;
+  then no out projection, a scale and a window: the pure function's gradients in each case."""
   x = normal(rng, (B, T, F), np.float64)
   no_bias = {n: {"kernel": e["kernel"]} for n, e in PARAM_SHAPES.items()}
   no_out = {n: e for n, e in PARAM_SHAPES.items() if n != "out"}
   heads = dict(num_heads=N, head_dim=H, num_kv_heads=K, v_head_dim=D)
   window = dict(scale=0.5, local_window_size=(1, 0))
   for shapes, options, pure_options in (
-    (no_bias, heads, {}),
-    (no_out, dict(heads, use_bias=True, use_out_projection=False, **window), window),
+    (PARAM_SHAPES, heads, {}),
+    (no_bias, dict(heads, use_bias=False), {}),
+    (no_out, dict(heads, use_out_projection=False, **window), window),
   ):
     p = random_params(rng, shapes)
     for apply, module_shapes, *_ in (linen_apply(x, **options), nnx_apply(x, **options)):

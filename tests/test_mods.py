@@ -277,12 +277,13 @@ def test_self_attention_decode_and_modules_take_mods():
   )
   assert_allclose(by_mask, full, rtol=1e-5, atol=1e-6)
   linen = jattn.linen.MultiHeadAttention(
-    num_heads=2, head_dim=4, use_out_projection=False, is_causal=True
+    num_heads=2, head_dim=4, use_out_projection=False, use_bias=False, is_causal=True
   )
   assert_allclose(linen.apply({"params": params}, x, score_mod=alibi), full, rtol=1e-5, atol=1e-6)
   layer = jattn.nnx.MultiHeadAttention(
-    6, num_heads=2, head_dim=4, use_out_projection=False, is_causal=True, rngs=flax_nnx.Rngs(0)
-  )
+    2, 6, head_dim=4, use_out_projection=False, use_bias=False, is_causal=True,
+    rngs=flax_nnx.Rngs(0),
+  )  # fmt: skip
   jattn.nnx.set_params(layer, params)
   assert_allclose(layer(x, score_mod=alibi), full, rtol=1e-5, atol=1e-6)
 

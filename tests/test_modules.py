@@ -1,9 +1,18 @@
-"""The Flax modules: their params are the jattn pytree, and they compute what the pure API does."""
+"""The Flax modules: Flax's arguments, params, rngs and numbers; jattn's pytree and options.
+
+The Flax behaviours ported from Flax's own tests are in ``test_flax_port.py``; this
+file checks what makes the modules a drop-in (same init bits, checkpoints load by
+path and train on, initializer fans, float masks, broadcast dropout, errors for
+what jattn cannot honour) and jattn's additions (params as the jattn pytree,
+jattn's options, chunked decode).
+"""
 
 import flax.linen
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import normal
 from flax import nnx
@@ -17,6 +26,23 @@ def shapes(tree):
   return jax.tree.map(jnp.shape, tree)
 
 
+def perturbed(tree, seed=3):
+  """Every leaf moved by noise: biases and LayerNorm scales nonzero/non-one, so they count."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  moved = [
+    a + 0.3 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys, strict=True)
+  ]
+  return jax.tree.unflatten(treedef, moved)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  bits = jax.tree.map(lambda a: jax.random.key_data(a) if jax.dtypes.issubdtype(
+    a.dtype, jax.dtypes.prng_key) else a, (a, b))  # fmt: skip
+  jax.tree.map(np.testing.assert_array_equal, *bits)
+
+
 @pytest.fixture
 def x(rng):
   return normal(rng, (2, 5, 8))
@@ -25,118 +51,304 @@ def x(rng):
 # --- linen ----------------------------------------------------------------------------------
 
 
-def test_linen_params_are_the_jattn_pytree_and_outputs_match(x):
-  module = jattn.linen.MultiHeadAttention(num_heads=4, head_dim=3, num_kv_heads=2, use_bias=True)
-  variables = module.init(jax.random.key(0), x)
-  expected = jattn.init(
-    jax.random.key(1), 8, 3, num_heads=4, num_kv_heads=2, out_features=8, use_bias=True
-  )
-  assert shapes(variables) == {"params": shapes(expected)}
-  # Any jattn pytree of those shapes goes straight in.
-  out = module.apply({"params": expected}, x)
-  np.testing.assert_allclose(out, jattn.self_attention(expected, x), atol=1e-6)
-
-
-def test_linen_cross_attention_options_and_sown_weights(rng, x):
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(num_heads=4),
+    dict(num_heads=2, qkv_features=6, out_features=3, normalize_qk=True),
+    dict(
+      num_heads=4,
+      kernel_init=jax.nn.initializers.xavier_uniform(),
+      out_kernel_init=jax.nn.initializers.he_normal(),
+      bias_init=jax.nn.initializers.normal(0.5),
+    ),
+  ],
+)
+def test_linen_is_flax_for_the_same_rng_and_variables(rng, x, kwargs):
   x_kv = normal(rng, (2, 7, 6))
-  module = jattn.linen.MultiHeadAttention(
-    num_heads=2, head_dim=4, v_head_dim=3, out_features=5, is_causal=True
+  theirs = flax.linen.MultiHeadDotProductAttention(**kwargs)
+  ours = jattn.linen.MultiHeadDotProductAttention(**kwargs)
+  variables = theirs.init(jax.random.key(0), x, x_kv)
+  assert_trees_equal(ours.init(jax.random.key(0), x, x_kv), variables)  # same bits
+  variables = perturbed(variables)
+  np.testing.assert_allclose(
+    ours.apply(variables, x, x_kv), theirs.apply(variables, x, x_kv), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_linen_params_are_the_jattn_pytree_and_options_apply(rng, x):
+  x_kv = normal(rng, (2, 7, 6))
+  module = jattn.linen.MultiHeadDotProductAttention(
+    num_heads=2, head_dim=4, num_kv_heads=1, v_head_dim=3, out_features=5, is_causal=True
   )
   variables = module.init(jax.random.key(0), x, x_kv)
+  params = perturbed(variables["params"])
+  expected = jattn.init(
+    jax.random.key(1), 8, 4, num_heads=2, num_kv_heads=1, v_head_dim=3, kv_features=6,
+    out_features=5, use_bias=True,
+  )  # fmt: skip
+  assert shapes(params) == shapes(expected)
   lengths = jnp.array([3, 7])
   out, state = module.apply(
-    variables,
-    x,
-    x_kv,
-    key_value_seq_lengths=lengths,
-    sow_weights=True,
+    {"params": params}, x, x_kv, key_value_seq_lengths=lengths, sow_weights=True,
     mutable=["intermediates"],
-  )
-  expected, weights = jattn.attention(
-    variables["params"],
-    x,
-    x_kv,
-    is_causal=True,
-    key_value_seq_lengths=lengths,
+  )  # fmt: skip
+  reference, weights = jattn.attention(
+    params, x, x_kv, is_causal=True, alignment="top_left", key_value_seq_lengths=lengths,
     return_weights=True,
-  )
-  np.testing.assert_allclose(out, expected, atol=1e-6)
+  )  # fmt: skip
+  np.testing.assert_allclose(out, reference, atol=1e-6)
   (sown,) = state["intermediates"]["attention_weights"]
   np.testing.assert_allclose(sown, weights, atol=1e-6)
-  assert out.shape == (2, 5, 5)
 
 
-def test_linen_loads_flax_multi_head_attention_params_unchanged(x):
-  flax_module = flax.linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=16)
-  flax_vars = flax_module.init(jax.random.key(0), x)
-  ours = jattn.linen.MultiHeadAttention(num_heads=4, head_dim=4, use_bias=True)
-  np.testing.assert_allclose(ours.apply(flax_vars, x), flax_module.apply(flax_vars, x), atol=1e-5)
+class Block(flax.linen.Module):
+  """A small Flax model that names its attention class, as user code does."""
+
+  attention: type
+
+  @flax.linen.compact
+  def __call__(self, x, mask=None):
+    h = flax.linen.Dense(8)(x)
+    h = h + self.attention(num_heads=2, qkv_features=8)(h, mask=mask)
+    return flax.linen.Dense(1)(h).squeeze(-1)
 
 
-def test_linen_without_out_projection_and_initializer_by_name(x):
-  module = jattn.linen.MultiHeadAttention(
-    num_heads=2, head_dim=16, use_out_projection=False, kernel_init="normal", stddev=0.5
+def _sgd_steps(apply, params, x, target, steps=3):
+  optimizer = optax.sgd(0.05)  # linear in the gradients: Adam would amplify float noise
+  state = optimizer.init(params)
+  for _ in range(steps):
+    grads = jax.grad(lambda p: jnp.mean((apply(p, x) - target) ** 2))(params)
+    updates, state = optimizer.update(grads, state)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def test_linen_checkpoint_of_a_flax_model_loads_by_path_and_trains_on(rng, x):
+  theirs, ours = (
+    Block(flax.linen.MultiHeadDotProductAttention),
+    Block(jattn.linen.MultiHeadDotProductAttention),
   )
-  variables = module.init(jax.random.key(0), x)
-  assert "out" not in variables["params"]
-  assert module.apply(variables, x).shape == (2, 5, 32)
-  std = float(jnp.std(variables["params"]["query"]["kernel"]))
-  assert 0.4 < std < 0.6
+  variables = theirs.init(jax.random.key(0), x)
+  assert "MultiHeadDotProductAttention_0" in variables["params"]  # Flax's auto-name, both
+  saved = flax.serialization.to_bytes(perturbed(variables))
+  target = ours.init(jax.random.key(9), x)  # another seed: every value comes from the file
+  restored = flax.serialization.from_bytes(target, saved)
+  assert_trees_equal(restored, flax.serialization.from_bytes(variables, saved))
+  mask = flax.linen.make_causal_mask(x[..., 0])  # Flax's float mask
+  np.testing.assert_allclose(
+    ours.apply(restored, x, mask), theirs.apply(restored, x, mask), rtol=1e-5, atol=1e-6
+  )
+  y = normal(rng, (2, 5))
+  trained = [_sgd_steps(m.apply, restored, x, y) for m in (ours, theirs)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *trained)
+  query = [v["params"]["MultiHeadDotProductAttention_0"]["query"] for v in (trained[0], restored)]
+  assert float(jnp.abs(query[0]["kernel"] - query[1]["kernel"]).max()) > 1e-3  # it trained
 
 
-def test_linen_dropout_uses_the_dropout_stream(x):
-  module = jattn.linen.MultiHeadAttention(num_heads=2, head_dim=4, dropout_rate=0.5)
+def test_linen_auto_names_follow_the_class_names(x):
+  for cls in (jattn.linen.MultiHeadDotProductAttention, jattn.linen.MultiHeadAttention):
+    assert f"{cls.__name__}_0" in Block(cls).init(jax.random.key(0), x)["params"]
+
+
+@pytest.mark.parametrize("shape", [(256, 8, 8), (64, 4, 32), (96, 12, 4)])
+def test_initializer_callables_get_the_flat_matrix_fans(shape):
+  """A callable initializer sees (F, N * H) and (N * H, O), as in Flax: std 1/sqrt(fan_in)."""
+  F, N, H = shape
+  init = jax.nn.initializers.lecun_normal()
+  p = jattn.init(jax.random.key(0), F, H, num_heads=N, out_features=F, kernel_init=init)
+  theirs = flax.linen.MultiHeadDotProductAttention(N, qkv_features=N * H, kernel_init=init)
+  variables = theirs.init(jax.random.key(0), jnp.zeros((1, 1, F)))
+  for name, fan_in in (("query", F), ("key", F), ("value", F), ("out", N * H)):
+    ours = float(jnp.std(p[name]["kernel"]))
+    theirs = float(jnp.std(variables["params"][name]["kernel"]))
+    np.testing.assert_allclose(ours, fan_in**-0.5, rtol=0.1)
+    np.testing.assert_allclose(ours, theirs, rtol=0.1)
+  # uniform fan_avg too, on the 3-D kernel it would be sqrt(6 / (F + H)) instead
+  p = jattn.init(
+    jax.random.key(0), F, H, num_heads=N, kernel_init=jax.nn.initializers.xavier_uniform()
+  )
+  limit = (6 / (F + N * H)) ** 0.5
+  np.testing.assert_allclose(float(jnp.abs(p["query"]["kernel"]).max()), limit, rtol=0.05)
+
+
+def test_linen_broadcast_dropout_shares_one_mask_over_batch_and_heads(x):
+  def dropped(broadcast):
+    module = jattn.linen.MultiHeadDotProductAttention(
+      num_heads=2, dropout_rate=0.5, broadcast_dropout=broadcast, deterministic=False
+    )
+    variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    _, state = module.apply(
+      variables, x, sow_weights=True, dropout_rng=jax.random.key(2), mutable=["intermediates"]
+    )
+    (weights,) = state["intermediates"]["attention_weights"]
+    return np.asarray(weights == 0)  # (B, N, T, S): where the weights were dropped
+
+  shared, independent = dropped(True), dropped(False)
+  assert 0.3 < shared.mean() < 0.7
+  assert (shared == shared[:1, :1]).all()
+  assert not (independent == independent[:1, :1]).all()
+
+
+def test_linen_dropout_rng_argument_takes_precedence(x):
+  module = jattn.linen.MultiHeadDotProductAttention(num_heads=2, dropout_rate=0.5)
   variables = module.init(jax.random.key(0), x, deterministic=True)
   clean = module.apply(variables, x, deterministic=True)
   np.testing.assert_array_equal(clean, jattn.self_attention(variables["params"], x))
-  a = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
-  b = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
-  c = module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
-  np.testing.assert_array_equal(a, b)
-  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 0.01
+
+  def run(stream, arg=None):
+    rngs = {"dropout": jax.random.key(stream)}
+    return module.apply(variables, x, deterministic=False, rngs=rngs, dropout_rng=arg)
+
+  np.testing.assert_array_equal(run(1), run(1))
+  assert np.abs(np.asarray(run(1) - run(2))).max() > 0.01
+  np.testing.assert_array_equal(run(1, jax.random.key(5)), run(2, jax.random.key(5)))
   with pytest.raises(ValueError, match="deterministic"):
     module.apply(variables, x)
 
 
-def test_linen_decode_equals_causal_attention(x):
-  module = jattn.linen.MultiHeadAttention(num_heads=2, head_dim=4, num_kv_heads=1, decode=True)
+def test_linen_decode_uses_flax_cache_names_and_equals_causal_attention(x):
+  module = jattn.linen.MultiHeadDotProductAttention(
+    num_heads=2, head_dim=4, num_kv_heads=1, decode=True
+  )
   variables = module.init(jax.random.key(0), jnp.zeros((2, 6, 8)))  # max_len 6
-  assert shapes(variables["cache"]) == {"index": (), "key": (2, 6, 1, 4), "value": (2, 6, 1, 4)}
+  assert shapes(variables["cache"]) == {
+    "cache_index": (),
+    "cached_key": (2, 6, 1, 4),
+    "cached_value": (2, 6, 1, 4),
+  }
   full = jattn.self_attention(variables["params"], x, is_causal=True)
   cache, outs = variables["cache"], []
-  for t in range(5):
+  for t0, t1 in ((0, 2), (2, 3), (3, 4), (4, 5)):  # a 2-token prefill, then one at a time
     out, mutated = module.apply(
-      {"params": variables["params"], "cache": cache}, x[:, t : t + 1], mutable=["cache"]
+      {"params": variables["params"], "cache": cache}, x[:, t0:t1], mutable=["cache"]
     )
     cache = mutated["cache"]
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+  assert int(cache["cache_index"]) == 5
 
 
-def test_linen_dtype_and_errors(x):
-  module = jattn.linen.MultiHeadAttention(num_heads=2, head_dim=4, dtype=jnp.bfloat16)
+def test_linen_float_masks_precision_and_attention_fn(x):
+  theirs = flax.linen.MultiHeadDotProductAttention(num_heads=2)
+  variables = perturbed(theirs.init(jax.random.key(0), x))
+  # Keys 3 and 4 padded. (A query with every key masked differs on purpose: Flax gives it
+  # the mean of all values, jattn zeros; see README "Switching from Flax".)
+  mask = flax.linen.make_attention_mask(jnp.ones((2, 5)), jnp.array([[1, 1, 1, 0, 0]] * 2))
+  expected = theirs.apply(variables, x, mask=mask)
+  for kwargs in (
+    {},
+    dict(precision="highest"),
+    dict(precision=jax.lax.Precision.HIGHEST),
+    dict(attention_fn=flax.linen.dot_product_attention),
+    dict(force_fp32_for_softmax=True),
+  ):
+    ours = jattn.linen.MultiHeadDotProductAttention(num_heads=2, **kwargs)
+    np.testing.assert_allclose(ours.apply(variables, x, mask=mask), expected, atol=2e-6)
+    np.testing.assert_allclose(ours.apply(variables, x, mask=mask != 0), expected, atol=2e-6)
+
+
+def test_linen_errors_name_the_argument(x):
+  def init(x=x, **kwargs):
+    module = jattn.linen.MultiHeadDotProductAttention(**{"num_heads": 2, **kwargs})
+    return module.init(jax.random.key(0), x)
+
+  for name in ("qkv_dot_general", "out_dot_general", "qk_attn_weights_einsum_cls"):
+    with pytest.raises(NotImplementedError, match=name):
+      init(**{name: jax.lax.dot_general})
+  with pytest.raises(ValueError, match=r"qkv_features \(7\) must be divisible by num_heads"):
+    init(qkv_features=7)
+  with pytest.raises(TypeError, match=r"inputs_q .*complex64"):
+    init(x=x.astype(jnp.complex64))
+  with pytest.raises(ValueError, match="precision"):
+    init(precision=("highest", "default"))
+  with pytest.raises(
+    ValueError, match=r"attention_fn cannot apply jattn's options \['is_causal'\]"
+  ):
+    init(attention_fn=flax.linen.dot_product_attention, is_causal=True)
+  module = jattn.linen.MultiHeadDotProductAttention(num_heads=2)
+  with pytest.raises(TypeError, match=r"unknown call arguments \['q_segment'\]"):
+    module.init(jax.random.key(0), x, q_segment=x[..., 0])
+  with pytest.raises(ValueError, match=r"\(\.\.\., seq, features\)"):
+    module.init(jax.random.key(0), x[0, 0])
+
+
+def test_linen_dtype_and_self_attention(x):
+  module = jattn.linen.MultiHeadDotProductAttention(num_heads=2, dtype=jnp.bfloat16)
   variables = module.init(jax.random.key(0), x)
   assert variables["params"]["query"]["kernel"].dtype == jnp.float32  # param_dtype
   assert module.apply(variables, x).dtype == jnp.bfloat16
-  with pytest.raises(ValueError, match=r"\(\.\.\., seq, features\)"):
-    module.apply(variables, x[0, 0])
-  with pytest.raises(TypeError, match="drop inputs_kv"):
-    jattn.linen.SelfAttention(num_heads=2, head_dim=4).init(jax.random.key(0), x, inputs_kv=x)
+  mask = flax.linen.make_causal_mask(x[..., 0])
+  self_attention = jattn.linen.SelfAttention(num_heads=2)
+  np.testing.assert_array_equal(  # Flax's positional call: (inputs_q, mask)
+    self_attention.apply(variables, x, mask),
+    jattn.linen.MultiHeadDotProductAttention(num_heads=2).apply(variables, x, mask=mask),
+  )
 
 
 # --- nnx ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(),
+    dict(qkv_features=6, out_features=3, in_kv_features=6, normalize_qk=True, num_kv_heads=1),
+    dict(kernel_init=jax.nn.initializers.xavier_uniform(), bias_init=jax.nn.initializers.ones),
+  ],
+)
+def test_nnx_is_flax_for_the_same_rngs_and_state(rng, x, kwargs):
+  x_kv = normal(rng, (2, 7, kwargs.get("in_kv_features", 8)))
+  theirs = nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0), **kwargs)
+  ours = jattn.nnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0), **kwargs)
+  assert_trees_equal(nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(theirs)))
+  nnx.update(theirs, perturbed(nnx.state(theirs, nnx.Param)))
+  nnx.update(ours, nnx.state(theirs, nnx.Param))
+  for kw in ({}, dict(is_causal=True)):
+    np.testing.assert_allclose(ours(x, x_kv, **kw), theirs(x, x_kv, **kw), rtol=1e-5, atol=1e-6)
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, attention, rngs):
+    self.dense = nnx.Linear(8, 8, rngs=rngs)
+    self.attention = attention(2, 8, decode=False, dropout_rate=0.1, rngs=rngs)
+    self.head = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.dense(x)
+    return self.head(h + self.attention(h, deterministic=True)).squeeze(-1)
+
+
+def test_nnx_checkpoint_of_a_flax_model_loads_by_path_and_trains_on(rng, x):
+  theirs = NnxBlock(nnx.MultiHeadAttention, nnx.Rngs(0))
+  ours = NnxBlock(jattn.nnx.MultiHeadAttention, nnx.Rngs(9))
+  nnx.update(theirs, perturbed(nnx.state(theirs, nnx.Param)))
+  assert shapes(nnx.state(ours)) == shapes(nnx.state(theirs))  # every path, the rngs' too
+  saved = flax.serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(theirs, nnx.Param)))
+  state = nnx.state(ours, nnx.Param)
+  nnx.replace_by_pure_dict(state, flax.serialization.msgpack_restore(saved))
+  nnx.update(ours, state)
+  assert_trees_equal(*(nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (ours, theirs)))
+  np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+  y = normal(rng, (2, 5))
+  for model in (ours, theirs):
+    optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+    for _ in range(3):
+      grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+      optimizer.update(model, grads)
+  ours_p, theirs_p = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (ours, theirs))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), ours_p, theirs_p)
+
+
 def test_nnx_params_are_the_jattn_pytree_in_and_out(x):
-  module = jattn.nnx.MultiHeadAttention(
-    8, num_heads=4, head_dim=3, num_kv_heads=2, use_bias=True, rngs=nnx.Rngs(0)
-  )
+  module = jattn.nnx.MultiHeadAttention(4, 8, head_dim=3, num_kv_heads=2, rngs=nnx.Rngs(0))
   params = jattn.nnx.get_params(module)
   expected = jattn.init(
     jax.random.key(1), 8, 3, num_heads=4, num_kv_heads=2, out_features=8, use_bias=True
   )
   assert shapes(params) == shapes(expected)
   np.testing.assert_allclose(module(x), jattn.self_attention(params, x), atol=1e-6)
+  expected = perturbed(expected)
   jattn.nnx.set_params(module, expected)
   np.testing.assert_allclose(module(x), jattn.self_attention(expected, x), atol=1e-6)
   wrong = jattn.init(jax.random.key(1), 8, 5, num_heads=4, out_features=8)
@@ -144,19 +356,12 @@ def test_nnx_params_are_the_jattn_pytree_in_and_out(x):
     jattn.nnx.set_params(module, wrong)
 
 
-def test_nnx_loads_flax_nnx_multi_head_attention_params(x):
-  theirs = nnx.MultiHeadAttention(4, 8, 16, decode=False, rngs=nnx.Rngs(0))
-  theirs_params = nnx.to_pure_dict(nnx.state(theirs, nnx.Param))
-  ours = jattn.nnx.MultiHeadAttention(8, num_heads=4, head_dim=4, use_bias=True, rngs=nnx.Rngs(1))
-  jattn.nnx.set_params(ours, theirs_params)
-  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
-
-
-def test_nnx_sow_jit_grad_and_dropout(rng, x):
+def test_nnx_sow_jit_grad_dropout_and_metadata(x):
   module = jattn.nnx.MultiHeadAttention(
-    8, num_heads=2, head_dim=4, is_causal=True, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1)
-  )
-
+    2, 8, is_causal=True, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1),
+    kernel_metadata={"note": "attention kernel"},
+  )  # fmt: skip
+  assert module.query.kernel.note == module.out.kernel.note == "attention kernel"
   forward = nnx.capture(
     lambda module, x: module(x, sow_weights=True, deterministic=True), nnx.Intermediate
   )
@@ -176,25 +381,49 @@ def test_nnx_sow_jit_grad_and_dropout(rng, x):
   )
   a, b = module(x, deterministic=False), module(x, deterministic=False)
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 0.01  # the stream advances
+  c = module(x, deterministic=False, rngs=nnx.Rngs(dropout=7))
+  np.testing.assert_array_equal(c, module(x, deterministic=False, rngs=nnx.Rngs(dropout=7)))
   with pytest.raises(ValueError, match="deterministic"):
     module(x)
 
 
-def test_nnx_decode_equals_causal_attention(x):
-  module = jattn.nnx.MultiHeadAttention(8, num_heads=2, head_dim=4, rngs=nnx.Rngs(0))
+def test_nnx_decode_flag_cache_names_and_view(x):
+  module = jattn.nnx.MultiHeadAttention(2, 8, head_dim=4, decode=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="init_cache"):
-    module(x[:, :1], decode=True)
+    module(x[:, :1])
   module.init_cache((2, 6, 8))
+  cache = nnx.to_pure_dict(nnx.state(module, nnx.Cache))
+  assert shapes(cache) == {
+    "cache_index": (),
+    "cached_key": (2, 6, 2, 4),
+    "cached_value": (2, 6, 2, 4),
+  }
   full = jattn.self_attention(jattn.nnx.get_params(module), x, is_causal=True)
-  outs = [module(x[:, :2], decode=True)] + [
-    module(x[:, t : t + 1], decode=True) for t in range(2, 5)
-  ]
+  outs = [module(x[:, :2])] + [module(x[:, t : t + 1]) for t in range(2, 5)]
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
-  assert int(module.cache["index"].get_value()) == 5
+  assert int(module.cache_index[...]) == 5
+  np.testing.assert_allclose(module(x, decode=False), jattn.self_attention(
+    jattn.nnx.get_params(module), x), atol=1e-6)  # fmt: skip
+
+  fresh = jattn.nnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
+  viewed = nnx.view(fresh, decode=True, batch_size=2, max_length=6)
+  assert viewed.cached_key.shape == (2, 6, 2, 4)
+  np.testing.assert_allclose(viewed(x[:, :1]), full[:, :1], atol=1e-5)
 
 
-def test_nnx_self_attention_convenience(x):
-  module = jattn.nnx.SelfAttention(8, num_heads=2, head_dim=4, out_features=3, rngs=nnx.Rngs(0))
-  assert module(x).shape == (2, 5, 3)
-  with pytest.raises(TypeError, match="drop inputs_kv"):
-    module(x, inputs_kv=x)
+def test_nnx_errors_name_the_argument(x):
+  def make(**kwargs):
+    return jattn.nnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0), **kwargs)
+
+  for name in ("qkv_promote_dtype", "qkv_dot_general", "out_dot_general_cls"):
+    with pytest.raises(NotImplementedError, match=name):
+      make(**{name: lambda *a, **k: a})
+  make(qkv_promote_dtype=flax.nnx.nn.dtypes.promote_dtype)  # Flax's default is fine
+  with pytest.raises(NotImplementedError, match="out_sharding"):
+    make()(x, out_sharding=("a",))
+  with pytest.raises(ValueError, match=r"in_features=8"):
+    make()(x[..., :4])
+  with pytest.raises(TypeError, match=r"inputs_k .*bool"):
+    make()(x, x > 0)
+  with pytest.raises(TypeError, match="drop inputs_k"):
+    jattn.nnx.SelfAttention(2, 8, rngs=nnx.Rngs(0))(x, inputs_k=x)

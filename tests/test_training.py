@@ -102,7 +102,7 @@ class NnxRecall(nnx.Module):
   def __init__(self, task, rngs):
     self.embed = nnx.Embed(task.vocab_in, 64, rngs=rngs)
     self.positions = nnx.Param(jax.random.normal(rngs.params(), (task.length, 64)) * 0.02)
-    self.attention = jattn.nnx.SelfAttention(64, num_heads=4, head_dim=16, rngs=rngs)
+    self.attention = jattn.nnx.SelfAttention(4, 64, head_dim=16, rngs=rngs)
     self.readout = nnx.Linear(64, task.vocab_out, rngs=rngs)
 
   def __call__(self, inputs):

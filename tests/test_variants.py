@@ -364,7 +364,9 @@ def test_decode_and_modules_take_every_variant(rng):
     steps.append(out)
   assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6)
 
-  module_opts = dict(is_causal=True, alibi=True, logits_soft_cap=5.0, attention_chunk_size=4)
+  module_opts = dict(
+    is_causal=True, alibi=True, logits_soft_cap=5.0, attention_chunk_size=4, use_bias=False
+  )
   want = jattn.self_attention(
     params,
     x,
@@ -378,7 +380,7 @@ def test_decode_and_modules_take_every_variant(rng):
   got = linen.apply({"params": params}, x, q_segment_ids=seg)
   assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   layer = jattn.nnx.MultiHeadAttention(
-    F, num_heads=N, head_dim=8, num_kv_heads=K, rngs=flax_nnx.Rngs(0), **module_opts
+    N, F, head_dim=8, num_kv_heads=K, rngs=flax_nnx.Rngs(0), **module_opts
   )
   jattn.nnx.set_params(layer, params)
   assert_allclose(layer(x, q_segment_ids=seg), want, rtol=1e-5, atol=1e-6)
@@ -511,17 +513,18 @@ def test_learnable_sinks_live_in_the_params_of_every_layer(rng):
     jattn.self_attention({**params, "sinks": jnp.zeros(3)}, x)
 
   module = jattn.linen.MultiHeadAttention(
-    num_heads=N, head_dim=8, num_kv_heads=K, use_sinks=True, is_causal=True
+    num_heads=N, head_dim=8, num_kv_heads=K, use_sinks=True, use_bias=False, is_causal=True
   )
   variables = module.init(jax.random.key(1), x)
   assert variables["params"]["sinks"].shape == (N,)
   assert_allclose(module.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)
   layer = jattn.nnx.MultiHeadAttention(
+    N,
     F,
-    num_heads=N,
     head_dim=8,
     num_kv_heads=K,
     use_sinks=True,
+    use_bias=False,
     is_causal=True,
     rngs=flax_nnx.Rngs(0),
   )
