@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,16 @@ CALL_EXTRAS: dict[str, Any] = dict(
   q_positions=None,
   kv_positions=None,
 )
+
+
+def call_options(where: str, given: dict[str, Any]) -> dict[str, Any]:
+  """jattn's per-call keywords (:data:`CALL_EXTRAS`), unknown ones a ``TypeError``."""
+  unknown = sorted(set(given) - set(CALL_EXTRAS))
+  if unknown:
+    raise TypeError(
+      f"{where} got unknown call arguments {unknown}; jattn's are {sorted(CALL_EXTRAS)}."
+    )
+  return {**CALL_EXTRAS, **given}
 
 
 def check_unsupported(where: str, **given: Any) -> None:
@@ -158,16 +168,17 @@ def precision(value: Any) -> Iterator[None]:
     yield
 
 
+class Dropout(NamedTuple):
+  """A call's dropout, as Flax decides it (``deterministic`` merged, the rng drawn)."""
+
+  rate: float
+  broadcast: bool
+  deterministic: bool
+  rng: Any
+
+
 def options(
-  attributes: dict[str, Any],
-  num_heads: int,
-  call: dict[str, Any],
-  *,
-  mask: Any,
-  broadcast_dropout: bool,
-  dropout_rate: float,
-  deterministic: bool,
-  dropout_rng: Any,
+  attributes: dict[str, Any], num_heads: int, call: dict[str, Any], mask: Any, dropout: Dropout
 ) -> dict[str, Any]:
   """The keyword options of :func:`jattn.dot_product_attention` for one module call."""
   opts = {name: attributes[name] for name in EXTRAS if name != "alibi"}
@@ -175,11 +186,27 @@ def options(
   opts["mask"] = boolean_mask(mask)
   if attributes["alibi"]:
     opts["alibi_slopes"] = tuple(map(float, alibi_slopes(num_heads)))  # static
-  if dropout_rate > 0.0 and not deterministic:
+  if dropout.rate > 0.0 and not dropout.deterministic:
     opts.update(
-      dropout_rate=dropout_rate, dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout
+      dropout_rate=dropout.rate, dropout_rng=dropout.rng, broadcast_dropout=dropout.broadcast
     )
   return opts
+
+
+def attention_fn_kwargs(
+  mask: Any, dropout: Dropout, dtype: Any, precision: Any, **extra: Any
+) -> dict[str, Any]:
+  """The keyword arguments Flax's modules give their ``attention_fn``."""
+  return dict(
+    mask=mask,
+    dropout_rng=dropout.rng,
+    dropout_rate=dropout.rate,
+    broadcast_dropout=dropout.broadcast,
+    deterministic=dropout.deterministic,
+    dtype=dtype,
+    precision=precision,
+    **extra,
+  )
 
 
 def call_attention_fn(

@@ -239,13 +239,7 @@ class MultiHeadDotProductAttention(nn.Module):
     Returns:
       ``(..., T, O)``, or ``(..., T, N * D)`` without the out projection.
     """
-    unknown = sorted(set(jattn_options) - set(_flax.CALL_EXTRAS))
-    if unknown:
-      raise TypeError(
-        f"{type(self).__name__} got unknown call arguments {unknown}; jattn's are "
-        f"{sorted(_flax.CALL_EXTRAS)}."
-      )
-    call = {**_flax.CALL_EXTRAS, **jattn_options}
+    call = _flax.call_options(type(self).__name__, jattn_options)
     xs = _flax.inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
     params = self._params(*(x.shape[-1] for x in xs))
     params, xs = _params.cast(self.dtype, params, *xs)
@@ -256,33 +250,21 @@ class MultiHeadDotProductAttention(nn.Module):
     else:
       deterministic = True
     attributes = {name: getattr(self, name) for name in _flax.EXTRAS}
-    opts = _flax.options(
-      attributes,
-      self.num_heads,
-      call,
-      mask=mask,
-      broadcast_dropout=self.broadcast_dropout,
-      dropout_rate=self.dropout_rate,
-      deterministic=deterministic,
-      dropout_rng=dropout_rng,
-    )
+    dropout = _flax.Dropout(self.dropout_rate, self.broadcast_dropout, deterministic, dropout_rng)
+    opts = _flax.options(attributes, self.num_heads, call, mask, dropout)
     self_attention = inputs_k is None and inputs_v is None and inputs_kv is None
     with _flax.precision(self.precision):
       if self.attention_fn is not None:
         if self.decode:
           raise NotImplementedError("decode=True with a custom attention_fn is not supported.")
-        flax_kwargs = dict(
-          mask=mask,
-          dropout_rng=dropout_rng,
-          dropout_rate=self.dropout_rate,
-          broadcast_dropout=self.broadcast_dropout,
-          deterministic=deterministic,
-          dtype=self.dtype,
-          precision=self.precision,
+        flax_kwargs = _flax.attention_fn_kwargs(
+          mask,
+          dropout,
+          self.dtype,
+          self.precision,
           force_fp32_for_softmax=self.force_fp32_for_softmax,
+          **({"module": self} if sow_weights else {}),
         )
-        if sow_weights:
-          flax_kwargs["module"] = self
         return _flax.call_attention_fn(
           self.attention_fn, params, tuple(xs), attributes, call, flax_kwargs
         )

@@ -273,12 +273,7 @@ class MultiHeadAttention(nnx.Module):
     """
     name = type(self).__name__
     _flax.check_unsupported(name, out_sharding=out_sharding, qkv_sharding=qkv_sharding)
-    unknown = sorted(set(jattn_options) - set(_flax.CALL_EXTRAS))
-    if unknown:
-      raise TypeError(
-        f"{name} got unknown call arguments {unknown}; jattn's are {sorted(_flax.CALL_EXTRAS)}."
-      )
-    call = {**_flax.CALL_EXTRAS, **jattn_options}
+    call = _flax.call_options(name, jattn_options)
     xs = _flax.inputs(inputs_q, inputs_k, inputs_v)
     if xs[0].shape[-1] != self.in_features:
       raise ValueError(
@@ -303,30 +298,19 @@ class MultiHeadAttention(nnx.Module):
     attributes = dict(self.attributes)
     if is_causal is not None:
       attributes["is_causal"] = is_causal
-    opts = _flax.options(
-      attributes,
-      self.num_heads,
-      call,
-      mask=mask,
-      broadcast_dropout=self.broadcast_dropout,
-      dropout_rate=self.dropout_rate,
-      deterministic=deterministic,
-      dropout_rng=dropout_rng,
-    )
+    dropout = _flax.Dropout(self.dropout_rate, self.broadcast_dropout, deterministic, dropout_rng)
+    opts = _flax.options(attributes, self.num_heads, call, mask, dropout)
     params, xs = _params.cast(self.dtype, get_params(self), *xs)
     decode = bool(self.decode if decode is None else decode)
     with _flax.precision(self.precision):
       if self.attention_fn is not None:
         if decode:
           raise NotImplementedError("decode with a custom attention_fn is not supported.")
-        flax_kwargs = dict(
-          mask=mask,
-          dropout_rng=dropout_rng,
-          dropout_rate=self.dropout_rate,
-          broadcast_dropout=self.broadcast_dropout,
-          deterministic=deterministic,
-          dtype=self.dtype,
-          precision=self.precision,
+        flax_kwargs = _flax.attention_fn_kwargs(
+          mask,
+          dropout,
+          self.dtype,
+          self.precision,
           module=self if sow_weights else None,
           is_causal=attributes["is_causal"],
         )
