@@ -102,7 +102,8 @@ class MultiHeadDotProductAttention(nn.Module):
     normalize_qk: layer-normalise queries and keys (``query_ln``/``key_ln``
       scales, as Flax).
     force_fp32_for_softmax: accepted; jattn always computes the softmax in
-      float32 at least.
+      float32 at least, then rounds the weights to the computation dtype (for
+      ``P V`` and ``sow_weights``), with or without it.
     qkv_dot_general, out_dot_general, qkv_dot_general_cls, out_dot_general_cls,
       qk_attn_weights_einsum_cls, attn_weights_value_einsum_cls: not supported
       (``NotImplementedError`` if set).
