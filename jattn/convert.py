@@ -216,6 +216,18 @@ def _shapes(proj: _params.Projections) -> str:
   )
 
 
+def _check_plain(proj: _params.Projections, target: str) -> None:
+  """What ``target`` has no place for is an error, never dropped in the conversion."""
+  extras = [name for name in ("sinks", "query_ln", "key_ln") if getattr(proj, name) is not None]
+  if extras:
+    raise ValueError(f"{target} has no place for the pytree's {extras} ({_shapes(proj)}).")
+  if proj.key[0].shape[0] != proj.value[0].shape[0]:
+    raise ValueError(
+      f"{target} here takes keys and values from one input: the key and value kernels must "
+      f"have the same input features ({_shapes(proj)})."
+    )
+
+
 def _torch_array(x: Array) -> np.ndarray:
   return np.array(x, order="C")  # a writable copy: torch.from_numpy warns on read-only arrays
 
@@ -259,6 +271,7 @@ def to_torch(params: Any, module: Any = None) -> Any:
     >>> m = to_torch(p, m)  # doctest: +SKIP
   """
   proj = _params.Projections(params)
+  _check_plain(proj, "torch.nn.MultiheadAttention")
   (w_q, b_q), (w_k, b_k), (w_v, b_v) = proj.query, proj.key, proj.value
   N, H = proj.num_heads, proj.head_dim
   E = N * H
@@ -448,6 +461,7 @@ def to_equinox(params: Any, mha: Any) -> Any:
   if not isinstance(mha, eqx.nn.MultiheadAttention):
     raise TypeError(f"mha must be an equinox.nn.MultiheadAttention, got {type(mha).__name__}.")
   proj = _params.Projections(params)
+  _check_plain(proj, "equinox.nn.MultiheadAttention")
   N = proj.num_heads
   if proj.key[0].shape[1] != N:
     raise ValueError(

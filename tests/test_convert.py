@@ -133,6 +133,9 @@ def test_from_state_dict_errors_separate_layout():
     (dict(O=6), None, r"O = 6"),
     (dict(N=1), None, r"F = 8"),  # E = N * H = 4 != F
     (dict(bias=True), lambda p: p["key"].pop("bias"), "'key': False"),
+    ({}, lambda p: p.update(sinks=np.zeros(2, np.float32)), r"no place for .*\['sinks'\]"),
+    ({}, lambda p: p.update(key_ln={"scale": np.ones(4, np.float32)}), r"\['key_ln'\]"),
+    ({}, lambda p: p["value"].update(kernel=np.ones((5, 2, 4), np.float32)), "one input"),
   ],
 )
 def test_to_torch_errors(kwargs, edit, match):
