@@ -131,7 +131,7 @@ def test_selected_through_implementation_in_self_attention_and_linen():
   got = jattn.self_attention(params, x, is_causal=True, implementation=ring)
   np.testing.assert_allclose(got, jattn.self_attention(params, x, is_causal=True), atol=1e-5)
   module = jattn.linen.MultiHeadAttention(
-    num_heads=2, head_dim=8, is_causal=True, implementation=ring
+    num_heads=2, head_dim=8, use_bias=False, is_causal=True, implementation=ring
   )
   np.testing.assert_allclose(
     module.apply({"params": params}, x),
