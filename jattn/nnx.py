@@ -314,8 +314,9 @@ class MultiHeadAttention(nnx.Module):
           module=self if sow_weights else None,
           is_causal=attributes["is_causal"],
         )
+        checked = {**attributes, "is_causal": False}  # passed on to attention_fn, as Flax does
         return _flax.call_attention_fn(
-          self.attention_fn, params, tuple(xs), attributes, call, flax_kwargs
+          self.attention_fn, params, tuple(xs), checked, call, flax_kwargs
         )
       if decode:
         if inputs_k is not None or inputs_v is not None or sow_weights:

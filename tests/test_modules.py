@@ -353,6 +353,9 @@ def test_nnx_errors_name_the_argument(x):
     with pytest.raises(NotImplementedError, match=name):
       make(**{name: lambda *a, **k: a})
   make(qkv_promote_dtype=flax.nnx.nn.dtypes.promote_dtype)  # Flax's default is fine
+  theirs = nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0))
+  ours = make(attention_fn=flax.nnx.dot_product_attention)  # is_causal reaches it, as in Flax
+  np.testing.assert_allclose(ours(x, is_causal=True), theirs(x, is_causal=True), atol=1e-6)
   with pytest.raises(NotImplementedError, match="out_sharding"):
     make()(x, out_sharding=("a",))
   with pytest.raises(ValueError, match=r"in_features=8"):
