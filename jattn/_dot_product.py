@@ -182,17 +182,21 @@ def run(call: _spec.Call) -> Array | tuple[Array, ...]:
   return results[0] if len(results) == 1 else tuple(results)
 
 
-_WEIGHT_OPTIONS_EXCLUDED = (
-  "implementation",
-  "block_q",
-  "block_kv",
-  "block_mask",
+# Options of the call that a function computing weights or statistics cannot take.
+_DROPOUT_AND_RETURNS = (
   "dropout_rate",
   "dropout_rng",
   "broadcast_dropout",
   "deterministic",
   "return_weights",
   "return_lse",
+)
+_WEIGHT_OPTIONS_EXCLUDED = (
+  "implementation",
+  "block_q",
+  "block_kv",
+  "block_mask",
+  *_DROPOUT_AND_RETURNS,
 )
 
 
@@ -290,15 +294,7 @@ def attention_stats(query: Array, key: Array, **options: Any) -> dict[str, Array
     >>> [round(float(e), 4) for e in stats["entropy"][0]]
     [0.0, 0.6931, 1.0986, 1.3863, 1.6094, 1.7918]
   """
-  excluded = (
-    "implementation",
-    "dropout_rate",
-    "dropout_rng",
-    "broadcast_dropout",
-    "deterministic",
-    "return_weights",
-    "return_lse",
-  )
+  excluded = ("implementation", *_DROPOUT_AND_RETURNS)
   opts = _spec.options("attention_stats", options, exclude=excluded)
   key = jnp.asarray(key)
   values = jnp.zeros((*key.shape[:-1], 1), key.dtype)  # the statistics need no values

@@ -72,13 +72,18 @@ def check_unsupported(where: str, **given: Any) -> None:
 
 def head_dims(
   num_heads: int,
+  num_kv_heads: int | None,
   qkv_features: int | None,
   head_dim: int | None,
   in_features: int,
   v_head_dim: int | None,
-) -> tuple[int, int]:
-  """``(H, D)`` from Flax's ``qkv_features`` (default ``in_features``) or jattn's ``head_dim``."""
+) -> tuple[int, int, int]:
+  """``(K, H, D)``: key/value heads (default ``num_heads``), and ``H`` from Flax's
+  ``qkv_features`` (default ``in_features``) or jattn's ``head_dim``."""
   _params._positive("num_heads", num_heads)
+  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  _params._positive("num_kv_heads", num_kv_heads)
+  _params.check_heads(num_heads, num_kv_heads)
   if head_dim is not None:
     _params._positive("head_dim", head_dim)
     if qkv_features is not None and qkv_features != num_heads * head_dim:
@@ -92,7 +97,7 @@ def head_dims(
     if features % num_heads:
       raise ValueError(f"qkv_features ({features}) must be divisible by num_heads ({num_heads}).")
     head_dim = features // num_heads
-  return head_dim, head_dim if v_head_dim is None else v_head_dim
+  return num_kv_heads, head_dim, head_dim if v_head_dim is None else v_head_dim
 
 
 def initializers(
@@ -104,11 +109,7 @@ def initializers(
   dtype: Any,
 ) -> tuple[Callable, Callable, Callable, Callable]:
   """Kernel and bias initializers as callables (names as in :func:`jattn.get_initializer`)."""
-  is_normal = isinstance(kernel_init, str) and kernel_init.lower() in ("normal", "gaussian")
-  if stddev is not None and not is_normal:
-    raise ValueError(f"stddev applies to kernel_init='normal' only, not {kernel_init!r}.")
-  stddev = 0.02 if stddev is None else stddev
-  kernel = _params.get_initializer(kernel_init, dtype=dtype, stddev=stddev)
+  kernel = _params.kernel_initializer(kernel_init, stddev, dtype)
   out = kernel if out_kernel_init is None else _params.get_initializer(out_kernel_init, dtype=dtype)
   for name, fn in (("bias_init", bias_init), ("out_bias_init", out_bias_init)):
     if fn is not None and not callable(fn):

@@ -100,6 +100,14 @@ def get_initializer(
   return INITIALIZERS[key](in_axis, out_axis, dtype, stddev)
 
 
+def kernel_initializer(kernel_init: str | Callable, stddev: float | None, dtype: Any) -> Callable:
+  """``kernel_init`` as a callable; ``stddev`` (default 0.02) only with ``"normal"``."""
+  name = kernel_init.lower() if isinstance(kernel_init, str) else None
+  if stddev is not None and _ALIASES.get(name, name) != "normal":
+    raise ValueError(f"stddev applies to kernel_init='normal' only, not {kernel_init!r}.")
+  return get_initializer(kernel_init, dtype=dtype, stddev=0.02 if stddev is None else stddev)
+
+
 def flat_init(initializer: Callable, fan_in_axes: int) -> Callable:
   """``initializer`` applied to the flat matrix of a multi-axis kernel, as Flax does.
 
@@ -119,6 +127,14 @@ def flat_init(initializer: Callable, fan_in_axes: int) -> Callable:
     return jnp.reshape(initializer(rng, flat, dtype), shape)
 
   return init
+
+
+def check_heads(num_heads: int, num_kv_heads: int) -> None:
+  """Grouped-query heads: every key/value head serves the same number of query heads."""
+  if num_heads % num_kv_heads:
+    raise ValueError(
+      f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})."
+    )
 
 
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
@@ -196,10 +212,7 @@ def init(
   ):
     _positive(name, value)
   _positive("out_features", out_features, allow_none=True)
-  if num_heads % num_kv_heads:
-    raise ValueError(
-      f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})."
-    )
+  check_heads(num_heads, num_kv_heads)
   try:
     dtype = jnp.dtype(dtype)
   except TypeError:
@@ -210,13 +223,7 @@ def init(
   if bias_init is not None and not use_bias:
     raise ValueError("bias_init is given but use_bias=False: there are no biases to initialise.")
   bias_init = jax.nn.initializers.zeros if bias_init is None else bias_init
-  is_normal = (
-    isinstance(kernel_init, str) and _ALIASES.get(kernel_init.lower(), kernel_init) == "normal"
-  )
-  if stddev is not None and not is_normal:
-    raise ValueError(f"stddev applies to kernel_init='normal' only, not {kernel_init!r}.")
-  stddev = 0.02 if stddev is None else stddev
-  kernel_init = get_initializer(kernel_init, dtype=dtype, stddev=stddev)
+  kernel_init = kernel_initializer(kernel_init, stddev, dtype)
   shapes = {
     "query": ((in_features, num_heads, head_dim), (num_heads, head_dim)),
     "key": ((kv_features, num_kv_heads, head_dim), (num_kv_heads, head_dim)),
@@ -495,11 +502,10 @@ def project_out(proj: Projections, heads: Array) -> Array:
   return y if bias is None else y + jnp.broadcast_to(bias.astype(dtype), y.shape)
 
 
-def cast(dtype: Any, params: Any, *inputs: Any) -> tuple[Any, list[Array]]:
+def cast(dtype: Any, params: Any, *inputs: Array) -> tuple[Any, list[Array]]:
   """Params and inputs in the computation dtype of a module: ``dtype``, or else the
-  promoted dtype of inputs and params (float32 for integer inputs)."""
-  names = ("inputs_q", "inputs_k", "inputs_v")  # the modules' argument names, in order
-  inputs = [check_real(n, x) for n, x in zip(names, inputs, strict=False)]
+  promoted dtype of inputs and params (float32 for integer inputs). The inputs are
+  arrays already checked by :func:`check_real` (the modules' ``_flax.inputs``)."""
   dtype = dtype or jnp.result_type(*inputs, *jax.tree.leaves(params))
   if not jnp.issubdtype(dtype, jnp.floating):
     dtype = jnp.float32

@@ -175,10 +175,10 @@ class MultiHeadDotProductAttention(nn.Module):
       qk_attn_weights_einsum_cls=self.qk_attn_weights_einsum_cls,
       attn_weights_value_einsum_cls=self.attn_weights_value_einsum_cls,
     )
-    N, K = self.num_heads, self.num_kv_heads or self.num_heads
-    if N % K:
-      raise ValueError(f"num_heads ({N}) must be a multiple of num_kv_heads ({K}).")
-    H, D = _flax.head_dims(N, self.qkv_features, self.head_dim, features, self.v_head_dim)
+    N = self.num_heads
+    K, H, D = _flax.head_dims(
+      N, self.num_kv_heads, self.qkv_features, self.head_dim, features, self.v_head_dim
+    )
     kernel_init, out_init, bias_init, out_bias_init = _flax.initializers(
       self.kernel_init,
       self.out_kernel_init,
@@ -283,12 +283,9 @@ class MultiHeadDotProductAttention(nn.Module):
         return out
       if self.decode:  # init: size the cache by the inputs, attend as without decode (Flax)
         x = xs[0]
+        empty = _decode.init_cache(params, x.shape[:-2], x.shape[-2], dtype=x.dtype)
         for n, name in _CACHE.items():
-          self.variable(
-            "cache",
-            name,
-            lambda n=n: _decode.init_cache(params, x.shape[:-2], x.shape[-2], dtype=x.dtype)[n],
-          )
+          self.variable("cache", name, lambda n=n: empty[n])
       result = _attention.attention(params, *xs, return_weights=sow_weights, **opts)
     if sow_weights:
       out, weights = result

@@ -175,16 +175,10 @@ class MultiHeadAttention(nnx.Module):
     )
     _params._positive("in_features", in_features)
     self.num_heads, self.in_features = num_heads, in_features
-    self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     self.in_kv_features = in_features if in_kv_features is None else in_kv_features
     self.out_features = in_features if out_features is None else out_features
-    _params._positive("num_kv_heads", self.num_kv_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(
-        f"num_heads ({num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})."
-      )
-    self.head_dim, self.v_head_dim = _flax.head_dims(
-      num_heads, qkv_features, head_dim, in_features, v_head_dim
+    self.num_kv_heads, self.head_dim, self.v_head_dim = _flax.head_dims(
+      num_heads, num_kv_heads, qkv_features, head_dim, in_features, v_head_dim
     )
     self.qkv_features = num_heads * self.head_dim
     kernel_init, out_init, bias_init, out_bias_init = _flax.initializers(
