@@ -152,7 +152,12 @@ def _flex_case(case: str, shape, mode: str):
     setup_s = time.perf_counter() - start
   elif case != "plain":
     raise ValueError(f"flex_attention has no case {case!r}")
-  attend = torch.compile(flex_attention)
+  return _flex_run(torch.compile(flex_attention), kwargs, q, k, v, g, mode), setup_s
+
+
+def _flex_run(attend, kwargs, q, k, v, g, mode: str):
+  """The timed flex_attention step: the forward (no grad), or the gradient of sum(out * g)."""
+  import torch
 
   if mode == "fwd":
 
@@ -160,20 +165,35 @@ def _flex_case(case: str, shape, mode: str):
       with torch.no_grad():
         attend(q, k, v, **kwargs)
 
-    return run, setup_s
+    return run
   q, k, v = (t.requires_grad_() for t in (q, k, v))
 
   def run_backward():
     for t in (q, k, v):
       t.grad = None
-    attend(q, k, v, **kwargs).backward(g)  # the gradient of sum(out * g)
+    attend(q, k, v, **kwargs).backward(g)
 
-  return run_backward, setup_s
+  return run_backward
+
+
+def _record(base: dict, first: float, times: list, setup_s: float, version: str, threads) -> dict:
+  """One measured cell, the same fields in every benchmark of this folder that times flex."""
+  from jattn._bench import peak_rss_mb
+
+  return {
+    **base,
+    "median_s": statistics.median(times),
+    "times_s": times,
+    "first_call_s": first,
+    "block_mask_s": setup_s,
+    "peak_rss_mb": peak_rss_mb(),
+    "version": version,
+    "torch_threads": threads,
+  }
 
 
 def worker(lib: str, case: str, shape, mode: str, repeats: int) -> dict:
   """Runs one case in this process and returns its measurements."""
-  from jattn._bench import peak_rss_mb
 
   base = {"lib": lib, "case": case, "mode": mode, "shape": list(shape)}
   if lib == "jattn":
@@ -193,16 +213,7 @@ def worker(lib: str, case: str, shape, mode: str, repeats: int) -> dict:
     first, times = timed
     version = f"torch {torch.__version__}"
     threads = torch.get_num_threads()
-  return {
-    **base,
-    "median_s": statistics.median(times),
-    "times_s": times,
-    "first_call_s": first,
-    "block_mask_s": setup_s,
-    "peak_rss_mb": peak_rss_mb(),
-    "version": version,
-    "torch_threads": threads,
-  }
+  return _record(base, first, times, setup_s, version, threads)
 
 
 def run_case(lib, case, shape, mode, repeats, timeout) -> dict:

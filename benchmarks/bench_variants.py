@@ -55,9 +55,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mods import (
   NO_CPU_BACKWARD,
+  _flex_run,
   _inputs,
   _parse_list,
   _ratio,
+  _record,
   _seconds,
   _time,
   _time_flex,
@@ -220,28 +222,13 @@ def _flex_step(case: str, shape, mode: str):
   q, k, v, g = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in _inputs(shape))
   kwargs, setup_s = _flex_kwargs(case, shape)
   attend = torch.compile(flex_attention)
-  if mode == "fwd":
-
-    def run():
-      with torch.no_grad():
-        attend(q, k, v, **kwargs)
-
-    return run, setup_s
   if mode == "jvp":
     return (lambda: _flex_forward_mode(attend, kwargs, q, k, v, (g, q, k))), setup_s
-  q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-  def run_backward():
-    for t in (q, k, v):
-      t.grad = None
-    attend(q, k, v, **kwargs).backward(g)  # the gradient of sum(out * g)
-
-  return run_backward, setup_s
+  return _flex_run(attend, kwargs, q, k, v, g, mode), setup_s
 
 
 def worker(lib: str, case: str, shape, mode: str, repeats: int) -> dict:
   """Runs one cell in this process and returns its measurements."""
-  from jattn._bench import peak_rss_mb
 
   base = {"lib": lib, "case": case, "mode": mode, "shape": list(shape)}
   note = None
@@ -276,17 +263,8 @@ def worker(lib: str, case: str, shape, mode: str, repeats: int) -> dict:
     first, times = timed
     version = f"torch {torch.__version__}"
     threads = torch.get_num_threads()
-  return {
-    **base,
-    "median_s": statistics.median(times),
-    "times_s": times,
-    "first_call_s": first,
-    "block_mask_s": setup_s,
-    "peak_rss_mb": peak_rss_mb(),
-    "version": version,
-    "torch_threads": threads,
-    **({"note": note} if note else {}),
-  }
+  record = _record(base, first, times, setup_s, version, threads)
+  return {**record, **({"note": note} if note else {})}
 
 
 def ring_worker(documents: bool, layout: str, shape, repeats: int) -> dict:
