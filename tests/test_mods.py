@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import examples
 from flax import nnx as flax_nnx
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 from numpy.testing import assert_allclose, assert_array_equal
@@ -90,8 +91,11 @@ def problems(draw):
   return draw(st.integers(0, 2**16)), batch, (T, S, K * G, K), blocks, flags
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=examples(12))
 @given(problems())
+# GQA, lengths that are not tile multiples, and batch 1 with no key (key length 0: masked rows)
+@example((3, (2,), (11, 7, 4, 2), (4, 3), dict(score=True, mask=True, causal=False, lengths=True)))
+@example((5, (2, 1), (9, 9, 2, 1), (4, 4), dict(score=True, mask=True, causal=True, lengths=False)))
 def test_mods_match_the_definition_on_every_path_with_gradients(problem):
   seed, batch, (T, S, N, K), blocks, flags = problem
   if flags["causal"]:
@@ -340,7 +344,7 @@ def test_tiles_the_map_hides_are_skipped_and_full_tiles_are_not_masked():
   assert_allclose(attend(block_mask=everything_full), unmasked, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=examples(300))
 @given(
   st.integers(0, 8),
   st.integers(0, 8),

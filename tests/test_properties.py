@@ -3,34 +3,48 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from conftest import examples
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 import jattn
 
-SETTINGS = settings(max_examples=10, deadline=None)
+SETTINGS = settings(max_examples=examples(10))
 # Jitted once per drawn shape: much faster than compiling every eager op anew.
 dot_product_attention = jax.jit(jattn.dot_product_attention, static_argnames="return_weights")
 self_attention = jax.jit(jattn.self_attention, static_argnames="is_causal")
 
 
-@st.composite
-def problems(draw):
-  """Random (q, k, v) with batch (B,), lengths T and S, heads N = K * G, sizes H and D."""
-  B, T, S = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
-  K, G = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-  H, D = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+def make_problem(B, T, S, K, G, H, D, seed, drop):
+  """(q, k, v) with batch (B,), lengths T and S, heads N = K * G, sizes H and D, and a mask
+  that drops each score with probability ``drop``."""
+  rng = np.random.default_rng(seed)
   q = rng.standard_normal((B, T, K * G, H)).astype(np.float32)
   k = rng.standard_normal((B, S, K, H)).astype(np.float32)
   v = rng.standard_normal((B, S, K, D)).astype(np.float32)
-  mask = rng.random((B, K * G, T, S)) > draw(st.sampled_from([0.0, 0.3, 0.7]))
+  mask = rng.random((B, K * G, T, S)) > drop
   return q, k, v, mask
+
+
+@st.composite
+def problems(draw):
+  B, T, S = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+  K, G = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+  H, D = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+  seed, drop = draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([0.0, 0.3, 0.7]))
+  return make_problem(B, T, S, K, G, H, D, seed, drop)
+
+
+# Pinned edge cases: grouped heads (K=2, G=2) with T != S; a mask that hides everything.
+GQA = make_problem(2, 5, 3, 2, 2, 3, 2, seed=0, drop=0.3)
+ALL_MASKED = make_problem(1, 4, 6, 1, 2, 2, 3, seed=1, drop=1.0)
 
 
 @SETTINGS
 @given(problems())
+@example(GQA)
+@example(ALL_MASKED)
 def test_rows_sum_to_one_where_anything_is_attended(problem):
   q, k, v, mask = problem
   _, w = dot_product_attention(q, k, v, mask=mask, return_weights=True)
@@ -43,6 +57,8 @@ def test_rows_sum_to_one_where_anything_is_attended(problem):
 
 @SETTINGS
 @given(problems(), st.floats(-50.0, 50.0))
+@example(GQA, 50.0)
+@example(ALL_MASKED, -50.0)
 def test_adding_a_constant_to_all_scores_changes_nothing(problem, c):
   q, k, v, mask = problem
   base = dot_product_attention(q, k, v, mask=mask)
@@ -52,6 +68,7 @@ def test_adding_a_constant_to_all_scores_changes_nothing(problem, c):
 
 @SETTINGS
 @given(problems())
+@example(GQA)
 def test_agrees_with_jax_nn_on_attended_rows(problem):
   q, k, v, mask = problem
   v = np.concatenate([v] * q.shape[-1], -1)[..., : q.shape[-1]]  # jax.nn needs D == H

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import examples
 from flax import nnx as flax_nnx
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -210,7 +211,7 @@ def test_tiles_of_other_documents_are_skipped(problem):
   assert np.isnan(out[:, 8:16]).all()
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=examples(300))
 @given(
   st.lists(st.integers(0, 3), min_size=1, max_size=4),
   st.lists(st.integers(0, 3), min_size=1, max_size=4),
