@@ -57,14 +57,28 @@ def test_keep_bits_follow_the_documented_formula(rng):
 def test_blockwise_drops_exactly_what_naive_drops_whatever_the_blocks(rng, blocks):
   q, k, v = qkv(rng)
   options = dict(is_causal=True, dropout_rate=0.3, dropout_rng=jax.random.key(7))
-  naive = jattn.dot_product_attention(q, k, v, implementation="naive", **options)
+  naive, lse_naive = jattn.dot_product_attention(
+    q, k, v, implementation="naive", return_lse=True, **options
+  )
   block_q, block_kv = blocks
-  blockwise = jattn.dot_product_attention(
-    q, k, v, implementation="blockwise", block_q=block_q, block_kv=block_kv, **options
+  blockwise, lse_blockwise = jattn.dot_product_attention(
+    q,
+    k,
+    v,
+    implementation="blockwise",
+    block_q=block_q,
+    block_kv=block_kv,
+    return_lse=True,
+    **options,
   )
   np.testing.assert_allclose(blockwise, naive, atol=2e-6)
-  clean = jattn.dot_product_attention(q, k, v, implementation="naive", is_causal=True)
+  clean, lse_clean = jattn.dot_product_attention(
+    q, k, v, implementation="naive", is_causal=True, return_lse=True
+  )
   assert np.abs(np.asarray(naive) - np.asarray(clean)).max() > 0.1  # dropout did something
+  # The log-sum-exp is that of the undropped weights, on both paths.
+  np.testing.assert_allclose(lse_naive, lse_clean, rtol=1e-6)
+  np.testing.assert_allclose(lse_blockwise, lse_clean, rtol=1e-5, atol=1e-6)
 
 
 def test_blockwise_dropout_gradients_and_jvp_match_naive(rng):
