@@ -31,6 +31,7 @@ def options_for(name, rng, batch, N, T, S):
   return dict(opts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTION_SETS)
 def test_check_grads_dot_product_attention(rng, name):
   with jax.enable_x64(True):
@@ -42,6 +43,7 @@ def test_check_grads_dot_product_attention(rng, name):
     check_grads(fn, (q, k, v), order=2, modes=("fwd", "rev"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["plain", "causal", "mask+bias"])
 def test_check_grads_self_attention(rng, name):
   with jax.enable_x64(True):

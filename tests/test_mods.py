@@ -91,6 +91,7 @@ def problems(draw):
   return draw(st.integers(0, 2**16)), batch, (T, S, K * G, K), blocks, flags
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(12))
 @given(problems())
 # GQA, lengths that are not tile multiples, and batch 1 with no key (key length 0: masked rows)
@@ -196,6 +197,7 @@ def test_gradients_through_captured_arrays_in_every_ad_mode(problem):
   assert_array_equal(jax.jit(jax.grad(fast))(table), jax.jit(jax.grad(fast))(table))
 
 
+@pytest.mark.slow
 def test_check_grads_order_two_with_a_captured_table():
   q, k, v, table, doc_q, doc_kv = data(3, (), 5, 6, 2, 1)
 
@@ -344,6 +346,7 @@ def test_tiles_the_map_hides_are_skipped_and_full_tiles_are_not_masked():
   assert_allclose(attend(block_mask=everything_full), unmasked, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(300))
 @given(
   st.integers(0, 8),

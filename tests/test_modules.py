@@ -100,6 +100,7 @@ def _sgd_steps(apply, params, x, target, steps=3):
   return params
 
 
+@pytest.mark.slow
 def test_linen_checkpoint_of_a_flax_model_loads_by_path_and_trains_on(rng, x):
   theirs, ours = (
     Block(flax.linen.MultiHeadDotProductAttention),
@@ -253,6 +254,7 @@ class NnxBlock(nnx.Module):
     return self.head(h + self.attention(h, deterministic=True)).squeeze(-1)
 
 
+@pytest.mark.slow
 def test_nnx_checkpoint_of_a_flax_model_loads_by_path_and_trains_on(rng, x):
   theirs = NnxBlock(nnx.MultiHeadAttention, nnx.Rngs(0))
   ours = NnxBlock(jattn.nnx.MultiHeadAttention, nnx.Rngs(9))

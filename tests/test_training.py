@@ -21,6 +21,7 @@ def train_pure(params, optimizer, task=RECALL, steps=STEPS):
   return training.train(task, steps=steps, seed=0, params=params, optimizer=optimizer)
 
 
+@pytest.mark.slow
 def test_pure_pytree_learns_recall_with_adamw():
   result = training.train(RECALL, steps=STEPS, seed=0)  # optax.adamw with a cosine decay
   assert result.eval_accuracy >= 0.99
@@ -28,6 +29,7 @@ def test_pure_pytree_learns_recall_with_adamw():
   assert result.history[-1]["loss"] < 0.1 * result.history[0]["loss"]
 
 
+@pytest.mark.slow
 def test_reverse_task_is_learnt_with_attention_and_stays_at_chance_without():
   reverse = training.TASKS["reverse"]  # output token t is input token T - 1 - t
   assert training.train(reverse, steps=300, seed=0).eval_accuracy >= 0.99
@@ -36,12 +38,14 @@ def test_reverse_task_is_learnt_with_attention_and_stays_at_chance_without():
   assert result.eval_accuracy < 0.15  # measured 0.067; 1/16 = 0.0625 is chance
 
 
+@pytest.mark.slow
 def test_without_attention_recall_stays_at_chance():
   params = training.init_model(jax.random.key(0), RECALL, attention=False)
   result = train_pure(params, optax.adamw(3e-3))
   assert result.eval_accuracy < 0.15  # 1/16 = 0.0625 is chance
 
 
+@pytest.mark.slow
 def test_frozen_attention_cannot_learn_recall_and_its_leaves_stay_bit_identical():
   # The attention layer frozen at its random init; embeddings and readout train.
   # (Measured: 0.26 held-out accuracy after 400 steps, against 1.0 when attention trains.)
@@ -83,6 +87,7 @@ class LinenRecall(nn.Module):
     return nn.Dense(self.vocab_out)(x)
 
 
+@pytest.mark.slow
 def test_linen_module_learns_recall():
   model = LinenRecall(RECALL.length, RECALL.vocab_in, RECALL.vocab_out)
   data = training.batches(RECALL, 0, 128)
@@ -115,6 +120,7 @@ class NnxRecall(nnx.Module):
     return self.readout(x + self.attention(x))
 
 
+@pytest.mark.slow
 def test_nnx_module_learns_recall_with_nnx_optimizer():
   model = NnxRecall(RECALL, nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)

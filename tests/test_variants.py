@@ -171,6 +171,7 @@ def test_slopes_and_sinks_are_differentiable_in_both_modes(problem, path):
     assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_check_grads_order_two_through_every_variant():
   rng = np.random.default_rng(3)
   with jax.enable_x64(True):
@@ -211,6 +212,7 @@ def test_tiles_of_other_documents_are_skipped(problem):
   assert np.isnan(out[:, 8:16]).all()
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(300))
 @given(
   st.lists(st.integers(0, 3), min_size=1, max_size=4),
@@ -399,6 +401,7 @@ def t5_bucket(relative, num_buckets=8, max_distance=32):
   return bucket + jnp.where(n < exact, n, jnp.minimum(large, half - 1))
 
 
+@pytest.mark.slow
 def test_a_learned_t5_relative_bias_trains_with_optax(problem):
   """A bucketed relative-position bias table as a ``score_mod``, learned with Optax."""
   q, k, v, _, _ = problem
