@@ -319,6 +319,16 @@ def test_nnx_sow_jit_grad_dropout_and_metadata(x):
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 0.01  # the stream advances
   c = module(x, deterministic=False, rngs=nnx.Rngs(dropout=7))
   np.testing.assert_array_equal(c, module(x, deterministic=False, rngs=nnx.Rngs(dropout=7)))
+  # sow_weights stores the weights as applied, after dropout (Flax: before): kept weights are
+  # the clean ones over 1 - rate = 0.5, dropped ones zero.
+  dropped = nnx.capture(
+    lambda module, x: module(x, sow_weights=True, deterministic=False), nnx.Intermediate
+  )
+  (sown,) = nnx.to_pure_dict(dropped(module, x)[1])["attention_weights"]
+  sown, weights = np.asarray(sown), np.asarray(weights)
+  kept = sown != 0
+  assert 0.3 < kept[weights > 0].mean() < 0.7
+  np.testing.assert_allclose(sown[kept], weights[kept] / 0.5, rtol=1e-5)
   with pytest.raises(ValueError, match="deterministic"):
     module(x)
 

@@ -35,14 +35,14 @@ def test_reverse_task_is_learnt_with_attention_and_stays_at_chance_without():
   assert training.train(reverse, steps=300, seed=0).eval_accuracy >= 0.99
   params = training.init_model(jax.random.key(0), reverse, attention=False)
   result = train_pure(params, optax.adamw(3e-3), task=reverse, steps=300)
-  assert result.eval_accuracy < 0.15  # measured 0.067; 1/16 = 0.0625 is chance
+  assert result.eval_accuracy < 0.1  # measured 0.067; 1/16 = 0.0625 is chance
 
 
 @pytest.mark.slow
 def test_without_attention_recall_stays_at_chance():
   params = training.init_model(jax.random.key(0), RECALL, attention=False)
   result = train_pure(params, optax.adamw(3e-3))
-  assert result.eval_accuracy < 0.15  # 1/16 = 0.0625 is chance
+  assert result.eval_accuracy < 0.1  # 1/16 = 0.0625 is chance; measured 0.063
 
 
 @pytest.mark.slow
@@ -52,7 +52,7 @@ def test_frozen_attention_cannot_learn_recall_and_its_leaves_stay_bit_identical(
   params = training.init_model(jax.random.key(0), RECALL)
   optimizer = training.freeze(optax.adamw(3e-3, weight_decay=0.1), params, ["attention"])
   result = train_pure(params, optimizer)
-  assert result.eval_accuracy < 0.5
+  assert 0.15 < result.eval_accuracy < 0.4  # above chance (embeddings learn), far below 1
   jax.tree.map(np.testing.assert_array_equal, result.params["attention"], params["attention"])
   assert not np.array_equal(result.params["embed"]["tokens"], params["embed"]["tokens"])
 
