@@ -346,6 +346,20 @@ def test_tiles_the_map_hides_are_skipped_and_full_tiles_are_not_masked():
   assert_allclose(attend(block_mask=everything_full), unmasked, rtol=1e-5, atol=1e-6)
 
 
+def test_block_mask_never_builds_the_whole_mask():
+  """XLA's temporaries for ``block_mask`` grow with T (one row of tiles at a time), not T * S:
+  at 16,384 tokens they are a small fraction of the (T, S) boolean mask's 268 MB."""
+
+  def temp_bytes(T):
+    same_document = lambda b, h, q_idx, kv_idx: q_idx // 512 == kv_idx // 512  # noqa: E731
+    build = jax.jit(lambda: jattn.block_mask(same_document, T, block_q=256, block_kv=256).tiles)
+    return build.lower().compile().memory_analysis().temp_size_in_bytes
+
+  small, large = temp_bytes(4096), temp_bytes(16384)
+  assert large < 16384 * 16384 / 16  # measured 8.5 MB against 268 MB
+  assert large < 4.5 * small  # 4x the tokens: 4x the memory (measured 4.0x), not 16x
+
+
 @pytest.mark.slow
 @settings(max_examples=examples(300))
 @given(
