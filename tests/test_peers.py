@@ -372,3 +372,24 @@ def test_value_head_size_differs_equinox(rng):
   params = convert.from_equinox(m)
   assert params["value"]["kernel"].shape == (8, 2, 6)
   close(eqx.filter_jit(m)(x_q, x_kv, x_kv), attend_params(params, x_q, x_kv))
+
+
+# --- Forward mode: jattn's blockwise path has a JVP; PyTorch's fused CPU SDPA has none. ---
+
+
+# torch's forward AD loads decompositions through its own deprecated torch.jit.script.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_jattn_blockwise_yes_torch_sdpa_no(rng):
+  torch = pytest.importorskip("torch")
+  q, k, v = qkv(rng, T=5)
+  tangents = qkv(np.random.default_rng(1), T=5)
+  blockwise = jax.jit(
+    lambda *a: jattn.dot_product_attention(*a, implementation="blockwise", block_kv=2)
+  )
+  _, jvp = jax.jvp(blockwise, (q, k, v), tangents)
+  _, jax_nn_jvp = jax.jvp(jax_nn_attend, (q, k, v), tangents)
+  close(jvp, jax_nn_jvp)
+  forward_ad = torch.autograd.forward_ad
+  with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward AD"):
+    dual = forward_ad.make_dual(to_torch(torch, q), to_torch(torch, tangents[0]))
+    torch.nn.functional.scaled_dot_product_attention(dual, dual, dual)
