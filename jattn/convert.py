@@ -107,11 +107,15 @@ def from_torch(module_or_state_dict: Any, num_heads: int | None = None) -> dict[
     TypeError: for anything but a module or a mapping.
 
   Examples:
-    >>> import torch  # doctest: +SKIP
-    >>> m = torch.nn.MultiheadAttention(16, 4, batch_first=True)  # doctest: +SKIP
-    >>> p = from_torch(m)  # doctest: +SKIP
-    >>> p["query"]["kernel"].shape, p["out"]["kernel"].shape  # doctest: +SKIP
+    >>> import jattn, numpy as np, torch
+    >>> m = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    >>> p = from_torch(m)
+    >>> p["query"]["kernel"].shape, p["out"]["kernel"].shape
     ((16, 4, 4), (4, 4, 16))
+    >>> x = torch.randn(2, 5, 16)  # (batch, seq, features)
+    >>> expected = m(x, x, x, need_weights=False)[0].detach().numpy()
+    >>> np.allclose(jattn.attention(p, x.numpy(), x.numpy()), expected, atol=1e-5)
+    True
   """
   if isinstance(module_or_state_dict, Mapping):
     state = dict(module_or_state_dict)
@@ -266,9 +270,15 @@ def to_torch(params: Any, module: Any = None) -> Any:
     >>> p = jattn.init(jax.random.key(0), 8, 4, num_heads=2, kv_features=6, out_features=8)
     >>> sorted(to_torch(p))  # kv_features != 8: the separate layout, no biases
     ['k_proj_weight', 'out_proj.weight', 'q_proj_weight', 'v_proj_weight']
-    >>> import torch  # doctest: +SKIP
-    >>> m = torch.nn.MultiheadAttention(8, 2, kdim=6, vdim=6, bias=False)  # doctest: +SKIP
-    >>> m = to_torch(p, m)  # doctest: +SKIP
+    >>> import numpy as np, torch
+    >>> m = torch.nn.MultiheadAttention(8, 2, kdim=6, vdim=6, bias=False, batch_first=True)
+    >>> m = to_torch(p, m)  # loaded in place, and returned
+    >>> q, kv = torch.randn(2, 3, 8), torch.randn(2, 4, 6)
+    >>> out = m(q, kv, kv, need_weights=False)[0]
+    >>> out.shape
+    torch.Size([2, 3, 8])
+    >>> np.allclose(out.detach().numpy(), jattn.attention(p, q.numpy(), kv.numpy()), atol=1e-5)
+    True
   """
   proj = _params.Projections(params)
   _check_plain(proj, "torch.nn.MultiheadAttention")
@@ -388,11 +398,14 @@ def from_equinox(mha: Any) -> dict[str, dict]:
     TypeError: for anything but an ``equinox.nn.MultiheadAttention``.
 
   Examples:
-    >>> import equinox as eqx, jax  # doctest: +SKIP
-    >>> key = jax.random.key(0)  # doctest: +SKIP
-    >>> m = eqx.nn.MultiheadAttention(4, 16, qk_size=8, vo_size=6, key=key)  # doctest: +SKIP
-    >>> jax.tree.map(lambda a: a.shape, from_equinox(m))["value"]  # doctest: +SKIP
+    >>> import equinox as eqx, jax, jattn, numpy as np
+    >>> m = eqx.nn.MultiheadAttention(4, 16, qk_size=8, vo_size=6, key=jax.random.key(0))
+    >>> p = from_equinox(m)
+    >>> jax.tree.map(lambda a: a.shape, p)["value"]
     {'kernel': (16, 4, 6)}
+    >>> x = jax.random.normal(jax.random.key(1), (5, 16))  # equinox takes (T, F), unbatched
+    >>> np.allclose(jattn.attention(p, x, x), m(x, x, x), atol=1e-5)
+    True
   """
   import equinox as eqx
 
@@ -450,11 +463,13 @@ def to_equinox(params: Any, mha: Any) -> Any:
     TypeError: for anything but an ``equinox.nn.MultiheadAttention``.
 
   Examples:
-    >>> import equinox as eqx, jax, jattn  # doctest: +SKIP
-    >>> k1, k2 = jax.random.split(jax.random.key(0))  # doctest: +SKIP
-    >>> p = jattn.init(k1, 16, 8, num_heads=4, v_head_dim=6, out_features=16)  # doctest: +SKIP
-    >>> m = eqx.nn.MultiheadAttention(4, 16, qk_size=8, vo_size=6, key=k2)  # doctest: +SKIP
-    >>> m = to_equinox(p, m)  # doctest: +SKIP
+    >>> import equinox as eqx, jax, jattn, numpy as np
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> p = jattn.init(k1, 16, 8, num_heads=4, v_head_dim=6, out_features=16)
+    >>> m = to_equinox(p, eqx.nn.MultiheadAttention(4, 16, qk_size=8, vo_size=6, key=k2))
+    >>> x = jax.random.normal(k3, (5, 16))
+    >>> np.allclose(m(x, x, x), jattn.attention(p, x, x), atol=1e-5)
+    True
   """
   import equinox as eqx
 

@@ -1,6 +1,7 @@
 """Checkpoints: a resumed run repeats the uninterrupted one step for step; damage, crashes,
 races, planted links and foreign runs are detected or survived."""
 
+import errno
 import json
 import math
 import os
@@ -32,7 +33,7 @@ def test_resumed_run_has_the_same_losses_step_for_step(tmp_path):
     if step == 25:
       raise Interrupted
 
-  with pytest.raises(Interrupted):
+  with pytest.raises(Interrupted):  # this test's own sentinel: its class says it all
     training.train(
       TASK, steps=30, seed=3, checkpoint_dir=tmp_path, checkpoint_every=10, progress=crash_after_25
     )
@@ -106,7 +107,10 @@ def test_a_target_of_other_shapes_is_refused(saved):
   other_state = (other, optax.adamw(1e-3).init(other))
   with pytest.raises(checkpoint.CheckpointError, match=r"is float32\[64, 4, 16\] in the"):
     checkpoint.restore(directory, other_state)
-  with pytest.raises(checkpoint.CheckpointError):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"the target's 'only' missing from the checkpoint; the checkpoint's '0', '1' absent",
+  ):
     checkpoint.restore(directory, {"only": jnp.zeros(3)})
 
 
@@ -191,8 +195,9 @@ def test_links_planted_at_the_old_temp_names_and_the_lock_are_not_followed(tmp_p
   assert not [p for p in directory.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]
   (directory / ".jattn-checkpoint.lock").unlink()
   (directory / ".jattn-checkpoint.lock").symlink_to(tmp_path / "created_outside")
-  with pytest.raises(OSError):
+  with pytest.raises(OSError, match=r"\.jattn-checkpoint\.lock") as refused:  # O_NOFOLLOW
     checkpoint.save(directory, 8, state)
+  assert refused.value.errno == errno.ELOOP
   assert not (tmp_path / "created_outside").exists()
 
 

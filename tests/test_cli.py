@@ -1,17 +1,23 @@
 """`jattn demo`: the walkthrough printed step by step, the map saved, bad input refused;
-`jattn train`: bad flags, divergence, mixed runs and Ctrl-C give one line, never a traceback."""
+`jattn train`: bad flags, divergence, mixed runs and Ctrl-C give one line, never a traceback;
+`jattn bench`: what plain and full runs would run, and a tiny run of each kind of case."""
 
+import importlib.util
 import json
 import re
+import runpy
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from jattn import checkpoint, cli
+import jattn
+from jattn import _bench, checkpoint, cli
 
 
 def run(*args):
@@ -53,6 +59,29 @@ def test_demo_sqrt_scale_and_own_files(tmp_path, capsys):
   # x = e1, e2 with identity projections: scores [1/sqrt2, 0] -> softmax of that
   w = np.exp([1 / np.sqrt(2), 0.0])
   assert f"{w[0] / w.sum():8.4f}" in text
+
+
+def printed(text, title):
+  """The numbers the demo printed under the line starting with ``title``."""
+  block = text.split(f"\n{title}", 1)[1].split("\n\n", 1)[0].split("\n", 1)[1]
+  return np.array(json.loads(block))
+
+
+def test_demo_weights_from_an_npz_file_drive_every_step(tmp_path, capsys):
+  # The walkthrough's matrices with the value matrix doubled: the same attention map, outputs
+  # twice the walkthrough's.
+  params, x = jattn.walkthrough_example()
+  query, key, value = (np.asarray(params[name]["kernel"]) for name in ("query", "key", "value"))
+  path = tmp_path / "w.npz"
+  np.savez(path, query=query, key=key, value=2 * value)
+  assert cli.main(["demo", "--weights", str(path), "--no-plot"]) == 0
+  text = capsys.readouterr().out
+  assert "(built-in example)" not in text and "walkthrough prints" not in text
+  np.testing.assert_array_equal(printed(text, "Step 2: value weights"), 2 * value)
+  np.testing.assert_array_equal(printed(text, "Step 2: query weights"), query)
+  out, weights = jattn.self_attention(params, x, scale=1.0, return_weights=True)
+  np.testing.assert_allclose(printed(text, "The attention map"), weights[0], atol=1e-4)
+  np.testing.assert_allclose(printed(text, "Step 8: all outputs"), 2 * out, atol=1e-4)
 
 
 def one_line_error(capsys, command, *names):
@@ -202,6 +231,90 @@ def test_bench_skips_what_cannot_fit_and_rejects_bad_shapes():
   assert result.returncode == 2 and "four positive sizes" in result.stderr
 
 
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+BENCH_ATTENTION = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+
+
+@pytest.fixture
+def planned(monkeypatch):
+  """The cases a bench run would run (each takes seconds to minutes), recorded, not run."""
+  cases = []
+
+  def run_case(impl, shape, mode, repeats, timeout, memory_limit_gb):
+    cases.append((impl, shape, mode, repeats, timeout, memory_limit_gb))
+    return {"impl": impl, "shape": list(shape), "mode": mode, "median_ms": 1.0, "peak_rss_mb": 1.0}
+
+  monkeypatch.setattr(_bench, "run_case", run_case)
+  monkeypatch.setattr(_bench, "matmul_peak_gflops", lambda: 100.0)
+  return cases
+
+
+def plan(shapes, repeats):
+  impls = [i for i in _bench.IMPLEMENTATIONS if i != "torch-sdpa" or HAS_TORCH]
+  return [(i, s, m, repeats, 900, 20.0) for s in shapes for m in ("fwd", "fwd+bwd") for i in impls]
+
+
+def test_plain_bench_plans_every_implementation_and_mode_at_the_quick_shape(planned, capsys):
+  # Plain `jattn bench` takes minutes on 2 cores; here only its defaults, with the cases faked.
+  assert cli.main(["bench"]) == 0
+  assert planned == plan([(4, 1024, 8, 64)], repeats=3)
+  table = capsys.readouterr().out
+  assert table.count("| (4, 1024, 8, 64) |") == len(planned)
+  if HAS_TORCH:  # where the README's torch ratios come from
+    assert "| (4, 1024, 8, 64) | fwd+bwd | torch-sdpa | 1 |" in table
+
+
+def test_the_full_benchmark_script_plans_the_issues_shapes(planned, tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, "argv", [str(BENCH_ATTENTION), "--repeats", "1", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit) as exit_info:
+    runpy.run_path(str(BENCH_ATTENTION), run_name="__main__")
+  assert exit_info.value.code == 0
+  assert planned == plan([(4, 1024, 8, 64), (1, 8192, 8, 64), (1, 32768, 8, 64)], repeats=1)
+  assert (tmp_path / "results.md").read_text().count("torch-sdpa") == (6 if HAS_TORCH else 0)
+
+
+def test_bench_torch_case_times_the_attention_jattn_computes(monkeypatch):
+  pytest.importorskip("torch")
+  import torch.nn.functional as F
+
+  sdpa, calls = F.scaled_dot_product_attention, []
+
+  def recording(q, k, v, *args, **kwargs):
+    out = sdpa(q, k, v, *args, **kwargs)
+    call = {"qkv": (q, k, v), "out": out}
+    if out.requires_grad:
+      out.register_hook(lambda g: call.update(g=g))
+    calls.append(call)
+    return out
+
+  monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+  B, T, N, H = shape = (2, 16, 3, 8)
+
+  def as_jax(t):  # torch's (B, N, T, H) -> jattn's (B, T, N, H)
+    return t.detach().numpy().transpose(0, 2, 1, 3)
+
+  for mode in ("fwd", "fwd+bwd"):
+    calls.clear()
+    record = _bench.worker("torch-sdpa", shape, mode, 2)
+    assert record["median_ms"] > 0 and len(record["times_ms"]) == 2
+    assert len(calls) == 3  # the warm-up and two timed calls
+    q, k, v = calls[-1]["qkv"]
+    assert q.shape == k.shape == v.shape == (B, N, T, H)  # the same work as jattn's (B, T, N, H)
+    q_, k_, v_ = (as_jax(t) for t in (q, k, v))
+    out, vjp = jax.vjp(jattn.dot_product_attention, q_, k_, v_)
+    np.testing.assert_allclose(as_jax(calls[-1]["out"]), out, atol=1e-5)
+    if mode == "fwd":
+      assert not calls[-1]["out"].requires_grad  # no autograd graph is built or timed
+    else:  # one backward per timed call, of the same attention
+      assert "g" in calls[-1], "the timed fwd+bwd call ran no backward pass"
+      grads = vjp(as_jax(calls[-1]["g"]))
+      for t, grad in zip((q, k, v), grads, strict=True):
+        np.testing.assert_allclose(as_jax(t.grad), grad, atol=1e-5)
+  # `jattn bench` runs it in its own process, as every case
+  result = _bench.run_case("torch-sdpa", (1, 64, 2, 8), "fwd+bwd", 1, 120, 20.0)
+  assert "skipped" not in result and result["median_ms"] > 0, result
+
+
 def test_train_reaches_the_accuracy_with_defaults_and_saves_the_map(tmp_path):
   out = tmp_path / "map.png"
   result = run("train", "--out", str(out), "--checkpoint-dir", str(tmp_path / "ck"))
@@ -300,6 +413,7 @@ def test_train_unknown_task_and_corrupt_checkpoint(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["train", "--task", "sort"])
   assert exit_info.value.code == 2
+  assert "argument --task: invalid choice: 'sort'" in capsys.readouterr().err
   (tmp_path / "step_00000001.msgpack").write_bytes(b"junk")
   (tmp_path / "step_00000001.json").write_text('{"step": 1, "bytes": 4, "sha256": "0"}')
   code = cli.main(["train", "--no-plot", "--checkpoint-dir", str(tmp_path), "--resume"])

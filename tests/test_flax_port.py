@@ -73,6 +73,7 @@ away from one), outputs within rtol 1e-5 and gradients within rtol 1e-4:
 import dataclasses
 import importlib
 import inspect
+import re
 import warnings
 from types import ModuleType
 from typing import Any
@@ -816,15 +817,15 @@ def test_nnx_gqa_invalid_heads(impl):
 
 
 @pytest.mark.parametrize(
-  "q_shape, k_shape, v_shape",
+  "q_shape, k_shape, v_shape, flax_message",
   [
-    ((2, 6, 4), (6, 4), (6, 4)),  # ranks differ
-    ((2, 6, 4), (3, 6, 4), (3, 6, 4)),  # batch dims differ
-    ((2, 6, 4), (2, 6, 4), (2, 5, 4)),  # key and value lengths differ
+    ((2, 6, 4), (6, 4), (6, 4), "q, k, v must have same rank"),
+    ((2, 6, 4), (3, 6, 4), (3, 6, 4), "q, k, v batch dims must match"),
+    ((2, 6, 4), (2, 6, 4), (2, 5, 4), "k, v lengths must match, but got 6 and 5"),
   ],
   ids=["rank", "batch", "kv-length"],
 )
-def test_nnx_invalid_shapes(impl, q_shape, k_shape, v_shape):
+def test_nnx_invalid_shapes(impl, q_shape, k_shape, v_shape, flax_message):
   module = impl.nnx.MultiHeadAttention(
     num_heads=2,
     in_features=4,
@@ -833,7 +834,12 @@ def test_nnx_invalid_shapes(impl, q_shape, k_shape, v_shape):
     decode=False,
     rngs=nnx.Rngs(0),
   )
-  with pytest.raises(ValueError):
+  # Flax says which rule broke; jattn checks the inputs before projecting and names all three.
+  jattn_message = re.escape(
+    f"x_q {q_shape} and x_k {k_shape} and x_v {v_shape} must have the same leading batch "
+    "dimensions (and keys and values the same length)"
+  )
+  with pytest.raises(ValueError, match=flax_message if impl.name == "flax" else jattn_message):
     module(jnp.ones(q_shape), jnp.ones(k_shape), jnp.ones(v_shape))
 
 

@@ -34,5 +34,32 @@ def test_readme_python_blocks_run():
     ),
     atol=1e-5,
   )
-  assert modules["out"].shape == (2, 4, 32)
-  assert float(modules["metrics"]["loss"]) > 0
+  jattn, params, x = modules["jattn"], modules["params"], modules["x"]
+  np.testing.assert_allclose(  # "== jattn.self_attention(...)"
+    modules["y"], jattn.self_attention(params, x, is_causal=True), atol=1e-5
+  )
+  np.testing.assert_allclose(  # a prompt chunk decoded into an empty cache is causal attention
+    modules["out"], jattn.self_attention(params, x[:, :4], is_causal=True), atol=1e-5
+  )
+  check_training_step(modules)
+
+
+def check_training_step(modules):
+  """The README's one Optax step: its loss, and which leaves it moved."""
+  jax, training, task = modules["jax"], modules["training"], modules["task"]
+  before = training.init_model(jax.random.key(0), task)  # as the README built it
+  batch = task.sample(jax.random.key(1), 64)
+  # The reported loss is the cross-entropy of the model before the step, recomputed in NumPy
+  # over the predicted positions (targets >= 0; recall predicts the last one only).
+  logits = np.asarray(training.apply_model(before, batch["inputs"]), np.float64)
+  targets = np.asarray(batch["targets"])
+  predicted = targets >= 0
+  assert predicted.sum() == 64
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(log_probs, np.maximum(targets, 0)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(modules["metrics"]["loss"], -picked[predicted].mean(), rtol=1e-5)
+  # "frozen leaves stay bit-identical"; the others moved.
+  model = modules["model"]
+  jax.tree.map(np.testing.assert_array_equal, model["embed"], before["embed"])
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), model, before)
+  assert all(jax.tree.leaves({k: v for k, v in moved.items() if k != "embed"})), moved

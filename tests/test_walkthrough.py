@@ -33,8 +33,9 @@ def test_input_one_scores_softmax_and_output():
   # step 6: each value scaled by its weight
   assert_allclose(steps["weighted_values"][0], steps["weights"][0][:, None] * np.array(VALUES))
   assert_allclose(steps["outputs"][0], [1.9366, 6.6831, 1.5951], atol=5e-5)
-  # The walkthrough's rounded figures are what its rounded softmax [0, .5, .5] gives.
-  assert_allclose(np.array([0.0, 0.5, 0.5]) @ np.array(VALUES), [2.0, 7.0, 1.5])
+  # The walkthrough's rounded figures are what jattn's step 6-7 gives its rounded softmax.
+  rounded = jattn.weighted_sum(np.array([[[0.0, 0.5, 0.5]]]), steps["values"][:, None, :])
+  assert_array_equal(rounded, [[[2.0, 7.0, 1.5]]])
 
 
 def test_whole_attention_map_and_all_outputs():
