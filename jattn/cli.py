@@ -39,12 +39,11 @@ def _read(path: Path, what: str, suffixes: tuple[str, ...]):
     if path.suffix == ".json":
       return json.loads(path.read_bytes())
     if path.suffix == ".npy":
-      array = np.load(path, mmap_mode="r", allow_pickle=False)  # the shape, before any data
-      if not isinstance(array, np.ndarray):  # an .npz under another name
-        array.close()
-        raise ValueError("not a .npy array file")
-      return array
-    with np.load(path, allow_pickle=False) as npz:
+      with open(path, "rb") as f:  # np.load leaves a file open when a zip inside is damaged
+        if f.read(6) != b"\x93NUMPY":
+          raise ValueError("not a .npy array file")
+      return np.load(path, mmap_mode="r", allow_pickle=False)  # the shape, before any data
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:  # f: closed on any error
       return {name: npz[name] for name in npz.files}
   except _READ_ERRORS as e:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

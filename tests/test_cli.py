@@ -3,6 +3,7 @@
 `jattn bench`: what plain and full runs would run, and a tiny run of each kind of case."""
 
 import importlib.util
+import io
 import json
 import re
 import runpy
@@ -134,6 +135,13 @@ def test_demo_bad_inputs_exit_nonzero_with_one_line_naming_the_file(
   assert re.search(message, one_line_error(capsys, "demo", path))
 
 
+def npz_bytes(**arrays):
+  """An .npz file's bytes (cut short, a damaged zip)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
   "weights, message",
   [
@@ -143,6 +151,7 @@ def test_demo_bad_inputs_exit_nonzero_with_one_line_naming_the_file(
     ({"query": np.eye(4, 3) * 1j, "key": np.eye(4, 3), "value": np.eye(4)}, "dtype complex128"),
     ({"query": np.ones((4, 3, 1)), "key": np.eye(4, 3), "value": np.eye(4)}, r"\(F, H\)"),
     (b"garbage", "cannot read weights file"),
+    (npz_bytes(query=np.eye(4, 3), key=np.eye(4, 3), value=np.eye(4))[:200], "cannot read weights"),
   ],
 )
 def test_demo_bad_weights_files_are_named(tmp_path, capsys, weights, message):
