@@ -107,6 +107,10 @@ def test_a_target_of_other_shapes_is_refused(saved):
   other_state = (other, optax.adamw(1e-3).init(other))
   with pytest.raises(checkpoint.CheckpointError, match=r"is float32\[64, 4, 16\] in the"):
     checkpoint.restore(directory, other_state)
+  state = (params, optax.adamw(1e-3).init(params))
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, state)
+  with pytest.raises(checkpoint.CheckpointError, match=r"float32\[.*\] in the .*bfloat16"):
+    checkpoint.restore(directory, half)  # the same shapes, another dtype
   with pytest.raises(
     checkpoint.CheckpointError,
     match=r"the target's 'only' missing from the checkpoint; the checkpoint's '0', '1' absent",

@@ -920,7 +920,7 @@ def test_jattn_linen_init_matches_flax(options):
   expected = jax.jit(nn.MultiHeadDotProductAttention(**options).init)(key(2), x, kv)
   actual = jax.jit(load("jattn").linen.MultiHeadDotProductAttention(**options).init)(key(2), x, kv)
   assert jax.tree.map(jnp.shape, actual) == jax.tree.map(jnp.shape, expected)
-  assert_trees_close(actual, expected, rtol=1e-6, atol=0)
+  assert_trees_equal(actual, expected)  # bit for bit, as the README says
 
 
 @pytest.mark.parametrize("case", list(LINEN_PARITY_CASES))
@@ -930,7 +930,7 @@ def test_jattn_linen_matches_flax(case):
   jattn_module = load("jattn").linen.MultiHeadDotProductAttention(**case["options"])
   q, kv, v, mask = linen_parity_inputs(case)
   initial = jax.jit(flax_module.init)(key(0), q, kv, v)  # same rng, same initial params
-  assert_trees_close(jax.jit(jattn_module.init)(key(0), q, kv, v), initial, rtol=1e-6, atol=0)
+  assert_trees_equal(jax.jit(jattn_module.init)(key(0), q, kv, v), initial)
   variables = perturb(initial, 1)
 
   cotangent = normal(13, linen_module_output_shape(case))
@@ -1001,7 +1001,7 @@ def test_jattn_nnx_matches_flax(case):
   assert jax.tree.map(jnp.shape, params_of(jattn_module)) == jax.tree.map(
     jnp.shape, expected_params
   )
-  assert_trees_close(params_of(jattn_module), expected_params, rtol=1e-6, atol=0)
+  assert_trees_equal(params_of(jattn_module), expected_params)
   params = perturb(expected_params, 1)
   set_params(flax_module, params)
   set_params(jattn_module, params)
