@@ -112,6 +112,7 @@ def one_line_error(capsys, command, *names):
     (np.full((2, 4), 1e39), ".npy", "not finite in float32"),
     (np.full((2, 4), np.nan, np.float32), ".npy", "not finite in float32"),
     (np.ones((cli.MAX_SIZE + 1, 4), np.float32), ".npy", "2049 x 4, more than the demo's limit"),
+    (np.ones((2, cli.MAX_SIZE + 1), np.float32), ".npy", "2 x 2049, more than the demo's limit"),
     (np.ones((0, 4), np.float32), ".npy", r"must be a 2-D numeric array \(T, F\), got shape"),
     (b"", ".npy", "cannot read inputs file"),
     (b"not numpy at all", ".npy", "cannot read inputs file"),
@@ -162,6 +163,16 @@ def test_demo_bad_weights_files_are_named(tmp_path, capsys, weights, message):
     np.savez(path, **weights)
   assert cli.main(["demo", "--weights", str(path), "--no-plot"]) == 2
   assert re.search(message, one_line_error(capsys, "demo", path))
+
+
+def test_demo_refuses_files_over_the_size_limit_before_reading_them(tmp_path, capsys):
+  path = tmp_path / "x.json"
+  with open(path, "wb") as f:
+    f.truncate(cli.MAX_BYTES + 1)  # sparse: 128 MiB + 1 byte of size, no data written
+  assert cli.main(["demo", "--inputs", str(path), "--no-plot"]) == 2
+  assert "134217729 bytes, more than the demo's limit of 134217728" in one_line_error(
+    capsys, "demo", path
+  )
 
 
 def test_demo_unreadable_paths_and_unsavable_maps_are_named(tmp_path, capsys):
@@ -377,6 +388,15 @@ def test_train_stops_on_divergence_and_refuses_to_mix_runs(tmp_path, capsys):
   assert re.search(
     r"from another run: learning_rate 1e\+30 saved, 0.001 here", one_line_error(capsys, "train")
   )
+  same = [*args, "--resume", "--learning-rate", "1e30"]
+  for flag, value, field in [
+    ("--task", "reverse", "task 'recall' saved, 'reverse' here"),
+    ("--seed", "5", "seed 0 saved, 5 here"),
+    ("--batch-size", "16", "batch_size 8 saved, 16 here"),
+    ("--steps", "9", "steps 4 saved, 9 here"),
+  ]:
+    assert cli.main([*same, flag, value]) == 2
+    assert f"from another run: {field}" in one_line_error(capsys, "train")
 
 
 SLOW_TRAIN = """
