@@ -211,6 +211,11 @@ def test_unknown_params_keys_are_named(rng):
     jattn.self_attention(capital, x)
   with pytest.raises(TypeError, match="params\\['key'\\]\\['kernel'\\] must be an array"):
     jattn.self_attention({**params, "key": {"kernel": None}}, x)
+  for dtype in (np.int32, np.bool_, np.complex64):  # non-float leaves
+    kernel = np.ones(query["kernel"].shape, dtype)
+    message = rf"\['kernel'\] must be floating point, got {kernel.dtype}"
+    with pytest.raises(TypeError, match=message):
+      jattn.self_attention({**params, "key": {"kernel": kernel}}, x)
 
 
 @pytest.mark.parametrize(

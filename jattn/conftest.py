@@ -1,4 +1,5 @@
-"""Docstring examples that import torch or equinox run only where they are installed.
+"""A pytest hook for the docstring examples under jattn/: those importing torch or equinox run
+only where they are installed. (Not part of the installed package: the wheel leaves it out.)
 
 Neither is a dependency of jattn (CI installs both), so the docstrings import them plainly, as a
 reader would, and here an example is skipped from its ``import torch`` (or ``equinox``) line on
