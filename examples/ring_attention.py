@@ -67,7 +67,7 @@ def main() -> None:
   if jax.process_index() == 0:
     print(
       f"ring attention, causal, {T} tokens x {args.heads} heads x {args.head_dim} over "
-      f"{devices} devices in {jax.process_count()} process(es): loss {float(value):.6f}, "
+      f"{mesh.size} devices in {jax.process_count()} process(es): loss {float(value):.6f}, "
       f"forward+backward {elapsed * 1e3:.0f} ms, "
       f"{memory.temp_size_in_bytes / 2**20:.1f} MB of temporaries per device"
     )

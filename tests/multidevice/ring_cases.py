@@ -4,6 +4,11 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/multidevice/ring
 """
 
 import contextlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jattn
+from jattn import _blockwise
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -154,24 +160,89 @@ def test_data_and_head_parallel_recipe_with_plain_jit():
   np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
-def test_memory_per_device_falls_with_the_device_count():
-  # XLA's own accounting of the per-device program: temporaries of forward+backward.
+HIDDEN = [
+  # layout, options, who sees whom (natural positions), first poisoned key, chunk length
+  ("contiguous", {"is_causal": True}, lambda i, j: j <= i, 28, 4),  # the last device's keys
+  ("contiguous", {"local_window_size": (3, 3)}, lambda i, j: abs(i - j) <= 3, 16, 4),
+  ("zigzag", {"is_causal": True}, lambda i, j: j <= i, 30, 2),  # chunk 15, held by device 0
+]
+
+
+@pytest.mark.parametrize(
+  ("layout", "options", "sees", "poisoned", "chunk"), HIDDEN, ids=["causal", "window", "zigzag"]
+)
+def test_hidden_ring_steps_are_never_computed(layout, options, sees, poisoned, chunk, monkeypatch):
+  # Each (query chunk, key chunk) pair a ring step computes calls the blockwise path once, so
+  # count the calls as they run: outputs and tangents (jax.jvp: the forward ring, then the
+  # tangent sweep) compute exactly the visible pairs, once each, where without the skip every
+  # device would compute all 8 steps. (Values alone cannot show the ring's skip: the blockwise
+  # path would skip every tile of a hidden pair too.) And NaN values in one key chunk never
+  # reach the rows of chunks that share no visible pair with it, not even their tangents,
+  # which a computed and masked pair would poison through 0 x NaN in P V.
+  mesh = jax.make_mesh((8,), ("seq",))
+  T = 32
+  q, k, v = qkv((), T, T, 2, 2)
+  bad = np.arange(poisoned, poisoned + chunk)
+  v = v.at[bad].set(jnp.nan)
+  order = jattn.zigzag_order(T, 8) if layout == "zigzag" else np.arange(T)
+  natural = np.argsort(order)
+  calls = []
+  blockwise = _blockwise.run
+
+  def counted(call, *args, **kwargs):  # records the global starts of the chunks it is given
+    record = lambda *starts: calls.append(tuple(int(x) for x in starts))  # noqa: E731
+    jax.debug.callback(record, call.mask.q_start, call.mask.kv_start)
+    return blockwise(call, *args, **kwargs)
+
+  monkeypatch.setattr(_blockwise, "run", counted)
+
+  def ring(q):
+    return jattn.ring_attention(
+      q, k[order], v[order], mesh=mesh, axis_name="seq", layout=layout, **options
+    )
+
+  out, tangent = jax.jit(lambda q: jax.jvp(ring, (q,), (jnp.ones_like(q),)))(q[order])
+  jax.effects_barrier()
+  i = np.arange(T)
+  visible = sees(i[:, None], i[None, :])  # (T, S) by the definition
+  n = T // chunk
+  pairs = visible.reshape(n, chunk, n, chunk).any(axis=(1, 3))  # (query chunk, key chunk)
+  starts = [(int(a) * chunk, int(b) * chunk) for a, b in zip(*np.nonzero(pairs), strict=True)]
+  assert sorted(calls) == sorted(2 * starts), (len(calls), 2 * len(starts))
+  assert not pairs.all()
+  out, tangent = (np.asarray(x)[natural] for x in (out, tangent))
+  attends = visible[:, bad].any(axis=1)
+  shares_a_step = np.repeat(pairs[:, poisoned // chunk], chunk)
+  nan_rows = lambda x: np.nonzero(np.isnan(x).any(axis=(1, 2)))[0]  # noqa: E731
+  assert np.isnan(out[attends]).all() and np.isfinite(out[~attends]).all(), nan_rows(out)
+  assert np.isfinite(tangent[~shares_a_step]).all(), nan_rows(tangent)
+  assert (~shares_a_step).sum() >= T / 2
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_memory_per_device_falls_with_the_device_count(mode):
+  # XLA's own accounting of the per-device program (compiled, not run): temporaries of
+  # forward+backward (reverse mode) or of outputs and tangents (forward mode, jax.jvp).
+  # Fitted as temps = a / P + b, the part b that does not fall with P must stay small beside
+  # one copy of all the keys and values, which any O(N)-per-device program would hold (a
+  # ring sweep that keeps its visiting blocks, or that gathers them, has b above 0.7 of it).
   T = 2048
   q, k, v = qkv((1,), T, T, 2, 2, H=32, D=32)
   temps = {}
   for devices in (2, 8):
     mesh = jax.make_mesh((devices,), ("seq",), devices=jax.devices()[:devices])
-    f = jax.jit(
-      jax.grad(
-        loss(
-          lambda q, k, v, mesh=mesh: jattn.ring_attention(
-            q, k, v, mesh=mesh, axis_name="seq", is_causal=True
-          )
-        )
-      )
-    )
+
+    def ring(q, k, v, mesh=mesh):
+      return jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True)
+
+    if mode == "reverse":
+      f = jax.jit(jax.grad(loss(ring), argnums=(0, 1, 2)))
+    else:
+      f = jax.jit(lambda q, k, v, ring=ring: jax.jvp(ring, (q, k, v), (q, k, v)))
     temps[devices] = f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
   assert temps[8] < 0.4 * temps[2], temps  # 1/P scaling would be 0.25
+  constant, whole = (8 * temps[8] - 2 * temps[2]) / 6, k.nbytes + v.nbytes
+  assert constant < 0.25 * whole, (temps, constant, whole)
 
 
 def test_errors_name_the_problem():
@@ -185,6 +256,8 @@ def test_errors_name_the_problem():
     jattn.dot_product_attention(
       q, k, v, mask=jnp.ones((16, 16), bool), implementation=jattn.Ring(mesh, "seq")
     )
+  with pytest.raises(ValueError, match="does not support \\['bias'\\]"):
+    jattn.ring_attention(q, k, v, mesh=mesh, axis_name="seq", bias=jnp.zeros((16, 16)))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -366,3 +439,22 @@ def test_nan_propagates_across_devices_and_masked_rows_stay_zero():
   assert np.isnan(grad[9, 0]).any() and np.isfinite(grad[:, 1]).all()
   tangent = jax.jvp(lambda q: ring(q, k)[0], (q,), (jnp.ones_like(q),))[1]
   assert np.isnan(tangent[9:28, 0]).all() and np.isfinite(tangent[:9]).all()
+
+
+def test_example_script_runs_over_the_eight_devices():
+  # examples/ring_attention.py in its own process, at small sizes: 60 tokens are padded to 64
+  # (a multiple of 8) and its causal loss, mean(out ** 2), equals single-device attention's.
+  root = Path(__file__).resolve().parents[2]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+  script = root / "examples" / "ring_attention.py"
+  command = [sys.executable, str(script), "--tokens", "60", "--heads", "2", "--head-dim", "8"]
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "64 tokens x 2 heads x 8 over 8 devices in 1 process(es)" in result.stdout, result.stdout
+  shape = (1, 64, 2, 8)
+  q, k, v = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
+  out = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="naive")
+  got = float(re.search(r"loss (\S+),", result.stdout).group(1))
+  np.testing.assert_allclose(got, float(jnp.mean(out**2)), rtol=0, atol=1e-6)
