@@ -26,6 +26,7 @@ class Interrupted(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_resumed_run_has_the_same_losses_step_for_step(tmp_path):
   straight = training.train(TASK, steps=30, seed=3)
 

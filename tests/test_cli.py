@@ -218,6 +218,7 @@ def test_bad_arguments_exit_nonzero():
   assert "invalid choice: 'cube'" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_runs_each_case_in_a_process_and_writes_results(tmp_path):
   result = run(
     "bench",
@@ -293,6 +294,7 @@ def test_the_full_benchmark_script_plans_the_issues_shapes(planned, tmp_path, mo
   assert (tmp_path / "results.md").read_text().count("torch-sdpa") == (6 if HAS_TORCH else 0)
 
 
+@pytest.mark.slow
 def test_bench_torch_case_times_the_attention_jattn_computes(monkeypatch):
   pytest.importorskip("torch")
   import torch.nn.functional as F
@@ -335,6 +337,7 @@ def test_bench_torch_case_times_the_attention_jattn_computes(monkeypatch):
   assert "skipped" not in result and result["median_ms"] > 0, result
 
 
+@pytest.mark.slow
 def test_train_reaches_the_accuracy_with_defaults_and_saves_the_map(tmp_path):
   out = tmp_path / "map.png"
   result = run("train", "--out", str(out), "--checkpoint-dir", str(tmp_path / "ck"))
@@ -412,6 +415,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_train_prints_one_line_exits_130_and_resume_finishes(tmp_path, capsys):
   args = ["train", "--no-plot", "--steps", "60", "--batch-size", "8", "--checkpoint-every", "5"]
   args += ["--checkpoint-dir", str(tmp_path)]

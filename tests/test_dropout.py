@@ -81,6 +81,7 @@ def test_blockwise_drops_exactly_what_naive_drops_whatever_the_blocks(rng, block
   np.testing.assert_allclose(lse_blockwise, lse_clean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_blockwise_dropout_gradients_and_jvp_match_naive(rng):
   q, k, v = qkv(rng, T=9, S=11)
   options = dict(dropout_rate=0.4, dropout_rng=jax.random.key(3), local_window_size=(4, 1))

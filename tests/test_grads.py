@@ -79,6 +79,7 @@ def assert_trees_close(a, b, **tol):
 # --- dot_product_attention -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dot_product_attention_with_dropout_and_every_output(rng, x64):
   """Naive path with dropout (its keep bits are fixed by the rng: a smooth function), mask,
   causal, a differentiated bias and scale, K < N, D != H, weights and lse as outputs."""

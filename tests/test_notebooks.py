@@ -44,6 +44,7 @@ def kernel_specs(tmp_path_factory):
   return KernelSpecManager(kernel_dirs=[str(folder)], ensure_native_kernel=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_specs):
   nb = nbformat.read(path, as_version=4)  # an in-memory copy: the file is never written

@@ -1,13 +1,16 @@
 """The README's Python examples run and say what they claim."""
 
+import importlib.util
 import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run():
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
   assert len(blocks) >= 3
@@ -63,3 +66,17 @@ def check_training_step(modules):
   jax.tree.map(np.testing.assert_array_equal, model["embed"], before["embed"])
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), model, before)
   assert all(jax.tree.leaves({k: v for k, v in moved.items() if k != "embed"})), moved
+
+
+def test_the_ring_balance_table_is_what_ring_balance_counts():
+  """README's zig-zag table is ``benchmarks/ring_balance.py``'s output, verbatim."""
+  path = README.parent / "benchmarks" / "ring_balance.py"
+  spec = importlib.util.spec_from_file_location("ring_balance", path)
+  ring_balance = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ring_balance)
+  table = ring_balance.balance_table()
+  assert table.strip() in README.read_text()
+  rows = [line.strip("|").split("|") for line in table.strip().splitlines()[2:]]
+  ratios = {name.strip(): (float(a), float(b)) for name, a, b in rows}
+  assert ratios["none (one causal sequence)"] == (1.87, 1.0)  # zig-zag balances one sequence
+  assert ratios["2 documents: 4,608 and 3,584"] == (1.72, 1.97)  # and can lose with documents
