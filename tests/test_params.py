@@ -168,3 +168,21 @@ def test_out_projection_and_concatenated_heads():
   assert jattn.self_attention(out, x).shape == (2, 5, 7)
   flat = dict(concat, out={"kernel": jnp.ones((6, 7))})  # (N * D, O) is accepted too
   np.testing.assert_array_equal(jattn.self_attention(flat, x), jattn.self_attention(out, x))
+
+
+def test_concatenated_heads_are_in_head_order():
+  """Without "out", columns n*D:(n+1)*D of the output are head n's attention, computed alone."""
+  N, K, F, H, D = 4, 2, 5, 3, 2  # D != N, so an interleaved (D, N) order is wrong too
+  params = jattn.init(jax.random.key(0), F, H, num_heads=N, num_kv_heads=K, v_head_dim=D)
+  x = np.random.default_rng(0).standard_normal((2, 6, F)).astype(np.float32)
+  out = np.asarray(jattn.self_attention(params, x, is_causal=True))
+  assert out.shape == (2, 6, N * D)
+  kernel = {name: np.asarray(params[name]["kernel"], np.float64) for name in params}
+  causal = np.tril(np.ones((6, 6), bool))
+  for n in range(N):
+    q = x @ kernel["query"][:, n]  # (2, T, H)
+    k, v = (x @ kernel[name][:, n // (N // K)] for name in ("key", "value"))
+    scores = np.where(causal, q @ np.swapaxes(k, -1, -2) / np.sqrt(H), -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    head = (weights / weights.sum(-1, keepdims=True)) @ v  # (2, T, D)
+    np.testing.assert_allclose(out[..., n * D : (n + 1) * D], head, rtol=1e-5, atol=1e-6)
