@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import normal
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 from numpy.testing import assert_allclose, assert_array_equal
@@ -26,6 +26,59 @@ def blockwise(block_q, block_kv):
   )
 
 
+def make_problem(
+  batch,
+  T,
+  S,
+  K,
+  G,
+  H,
+  D,
+  seed,
+  *,
+  is_causal=False,
+  window=None,
+  mask=False,
+  bias=False,
+  kv_lengths=False,
+  q_lengths=False,
+  alignment="bottom_right",
+  blocks=(1, 1),
+):
+  """One problem ``((q, k, v), opts, blocks)``: arrays drawn from ``seed``, options as given.
+
+  ``mask``, ``bias``, ``kv_lengths`` and ``q_lengths`` are False (absent), True (drawn
+  from ``seed``) or the values themselves.
+  """
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((*batch, T, K * G, H))
+  k = rng.standard_normal((*batch, S, K, H))
+  v = rng.standard_normal((*batch, S, K, D))
+  opts = {}
+  if is_causal:
+    opts["is_causal"] = True
+  if window is not None:
+    opts["local_window_size"] = window
+  if mask is True:
+    mask = rng.random((*batch, 1, T, S)) > 0.3
+  if mask is not False:
+    opts["mask"] = np.asarray(mask)
+  if bias is True:
+    bias = rng.standard_normal((K * G, T, S))
+  if bias is not False:
+    opts["bias"] = np.asarray(bias)
+  if kv_lengths is True:
+    kv_lengths = rng.integers(0, S + 1, batch)
+  if kv_lengths is not False:
+    opts["key_value_seq_lengths"] = np.asarray(kv_lengths, np.int32)
+  if q_lengths is True:
+    q_lengths = rng.integers(0, T + 1, batch)
+  if q_lengths is not False:
+    opts["query_seq_lengths"] = np.asarray(q_lengths, np.int32)
+  opts["alignment"] = alignment
+  return (q, k, v), opts, blocks
+
+
 @st.composite
 def problems(draw):
   """Shapes, options and block sizes, including lengths that are not block multiples."""
@@ -33,26 +86,45 @@ def problems(draw):
   T, S = draw(st.integers(1, 13)), draw(st.integers(1, 13))
   K, G = draw(st.integers(1, 2)), draw(st.integers(1, 2))
   H, D = draw(st.integers(1, 4)), draw(st.integers(1, 3))
-  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-  q = rng.standard_normal((*batch, T, K * G, H))
-  k = rng.standard_normal((*batch, S, K, H))
-  v = rng.standard_normal((*batch, S, K, D))
-  opts = {}
-  if draw(st.booleans()):
-    opts["is_causal"] = True
-  if draw(st.booleans()):
-    opts["local_window_size"] = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
-  if draw(st.booleans()):
-    opts["mask"] = rng.random((*batch, 1, T, S)) > 0.3
-  if draw(st.booleans()):
-    opts["bias"] = rng.standard_normal((K * G, T, S))
-  if batch and draw(st.booleans()):
-    opts["key_value_seq_lengths"] = rng.integers(0, S + 1, batch).astype(np.int32)
-  if batch and draw(st.booleans()):
-    opts["query_seq_lengths"] = rng.integers(0, T + 1, batch).astype(np.int32)
-  opts["alignment"] = draw(st.sampled_from(["bottom_right", "top_left"]))
-  blocks = (draw(st.integers(1, 8)), draw(st.integers(1, 8)))
-  return (q, k, v), opts, blocks
+  seed = draw(st.integers(0, 2**32 - 1))
+  options = dict(
+    is_causal=draw(st.booleans()),
+    window=(draw(st.integers(0, 4)), draw(st.integers(0, 4))) if draw(st.booleans()) else None,
+    mask=draw(st.booleans()),
+    bias=draw(st.booleans()),
+    kv_lengths=bool(batch) and draw(st.booleans()),
+    q_lengths=bool(batch) and draw(st.booleans()),
+    alignment=draw(st.sampled_from(["bottom_right", "top_left"])),
+    blocks=(draw(st.integers(1, 8)), draw(st.integers(1, 8))),
+  )
+  return make_problem(batch, T, S, K, G, H, D, seed, **options)
+
+
+def row_off(batch, T, S, row):
+  """A full-rank mask ``(*batch, 1, T, S)`` that hides every key from query ``row``."""
+  mask = np.ones((*batch, 1, T, S), bool)
+  mask[..., row, :] = False
+  return mask
+
+
+# Edge cases every run checks besides the drawn ones: (batch, T, S, K, G, H, D, seed, ...).
+EDGE_CASES = [
+  # Lengths that are not block multiples; grouped heads; a batch element with no keys.
+  make_problem((2,), 13, 11, 2, 2, 3, 2, 0, is_causal=True, kv_lengths=(0, 7), blocks=(4, 3)),
+  # A query row the mask hides entirely; fewer queries in one batch element.
+  make_problem(
+    (2,), 7, 9, 1, 2, 2, 3, 1, mask=row_off((2,), 7, 9, 3), q_lengths=(7, 4), blocks=(3, 4)
+  ),
+  # Windows with T != S, in both alignments.
+  make_problem((), 5, 11, 2, 1, 3, 2, 2, window=(2, 1), blocks=(2, 4)),
+  make_problem((2,), 11, 5, 1, 2, 2, 2, 3, window=(1, 3), alignment="top_left", blocks=(3, 2)),
+]
+
+
+def with_edge_cases(test):
+  for problem in reversed(EDGE_CASES):
+    test = example(problem)(test)
+  return test
 
 
 ARRAY_OPTIONS = ("mask", "bias", "key_value_seq_lengths", "query_seq_lengths")
@@ -91,6 +163,7 @@ def compare_float32(fast, slow, q, k, v, opts):
 
 
 @settings(max_examples=14, deadline=None)
+@with_edge_cases
 @given(problems())
 def test_blockwise_equals_naive_outputs_lse_and_gradients_float32(problem):
   fast, slow = jitted_comparison(problem, jnp.float32, compare_float32)
@@ -119,6 +192,7 @@ def compare_float64(fast, slow, q, k, v, opts):
 
 
 @settings(max_examples=8, deadline=None)
+@with_edge_cases
 @given(problems())
 def test_blockwise_equals_naive_float64_forward_and_reverse(problem):
   with jax.enable_x64(True):
