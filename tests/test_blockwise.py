@@ -283,10 +283,32 @@ def test_traced_scale_is_differentiable(rng):
 
 
 def test_self_attention_and_explain_agree_across_implementations(rng):
+  """explain's steps are those both paths take: its outputs are self_attention's, its head
+  outputs each path's, and its weights the naive path's and exp(scores - lse) of the
+  blockwise path's log-sum-exp."""
   params = jattn.init(jax.random.key(0), 8, 4, num_heads=4, num_kv_heads=2, out_features=8)
   x = normal(rng, (2, 11, 8))
-  fast = jattn.self_attention(params, x, is_causal=True, implementation="blockwise", block_q=4)
-  assert_allclose(fast, jattn.self_attention(params, x, is_causal=True), rtol=1e-5, atol=1e-6)
+
+  @jax.jit
+  def run(x):
+    steps = jattn.explain(params, x, is_causal=True)
+    qkv = steps["queries"], steps["keys"], steps["values"]
+    paths = [
+      (
+        jattn.self_attention(params, x, is_causal=True, **fn.keywords),
+        *fn(*qkv, is_causal=True, return_lse=True),
+      )
+      for fn in (naive, blockwise(4, 3))
+    ]
+    return steps, paths, naive(*qkv, is_causal=True, return_weights=True)[1]
+
+  steps, paths, naive_weights = run(x)
+  assert_array_equal(naive_weights, steps["weights"])
+  for out, heads, lse in paths:
+    assert_allclose(out, steps["outputs"], rtol=1e-5, atol=1e-6)
+    assert_allclose(heads, steps["head_outputs"], rtol=1e-5, atol=1e-6)
+    weights = np.where(steps["mask"], np.exp(steps["scores"] - np.asarray(lse)[..., None]), 0.0)
+    assert_allclose(weights, steps["weights"], rtol=1e-5, atol=1e-6)
 
 
 # --- statistics without the N x N matrix -----------------------------------------------------
