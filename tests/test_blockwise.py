@@ -311,6 +311,41 @@ def test_self_attention_and_explain_agree_across_implementations(rng):
     assert_allclose(weights, steps["weights"], rtol=1e-5, atol=1e-6)
 
 
+# --- tiles the mask hides are never visited ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "T, S, opts",
+  [
+    (8, 8, dict(is_causal=True)),
+    (6, 9, dict(is_causal=True)),  # bottom-right aligned: queries are the last 6 of 9
+    (9, 9, dict(local_window_size=(2, 1))),
+    (6, 10, dict(local_window_size=(1, 2), alignment="top_left")),
+  ],
+  ids=["causal", "causal T<S", "window", "window top_left T<S"],
+)
+def test_blockwise_visits_exactly_the_tiles_with_a_visible_score(T, S, opts):
+  """The built-in causal and window rules skip whole tiles: a score_mod (it runs on the
+  tiles the kernel visits, only there) records the indices it sees, and those tiles are
+  exactly the ones holding a visible (query, key) pair. Skipping saves only work, so the
+  outputs alone could not tell."""
+  bq, bk = 2, 3
+  q, k, v = (jax.random.normal(jax.random.key(i), (n, 1, 2)) for i, n in enumerate((T, S, S)))
+  seen = set()
+
+  def spy(score, b, h, q_idx, kv_idx):
+    jax.debug.callback(lambda i, j: seen.add((int(i) // bq, int(j) // bk)), q_idx, kv_idx)
+    return score
+
+  attend = jax.jit(functools.partial(blockwise(bq, bk), score_mod=spy, **opts))
+  jax.block_until_ready(attend(q, k, v))
+  _, weights = naive(q, k, v, return_weights=True, **opts)
+  rows, cols = np.nonzero(np.asarray(weights)[0])
+  visible_tiles = set(zip(rows // bq, cols // bk, strict=True))
+  assert len(visible_tiles) < (-(-T // bq)) * (-(-S // bk))  # some tiles are hidden
+  assert seen == visible_tiles
+
+
 # --- statistics without the N x N matrix -----------------------------------------------------
 
 
