@@ -252,7 +252,9 @@ def test_fully_masked_rows_as_in_the_naive_path(rng):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_low_precision_accumulates_in_float32(rng, dtype):
+def test_low_precision_outputs_and_gradients_keep_their_dtype(rng, dtype):
+  """Outputs and gradients in the input dtype, close to float32's (the float32 accumulation
+  itself, to one ulp, is tests/test_precision.py's)."""
   q, k, v = (jnp.asarray(normal(rng, (2, 40, 2, 16)), dtype) for _ in range(3))
   out = blockwise(16, 16)(q, k, v, is_causal=True)
   assert out.dtype == dtype
