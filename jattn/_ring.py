@@ -216,6 +216,7 @@ def _ring_fn(plan: _Plan, call: Call):
     me = jax.lax.axis_index(axis)
     (q,), v = q_side.x, kv_side.x[1]
     out, lse = empty(q, v)
+    out = out.astype(lse.dtype)  # merged in float32 (at least), rounded once at the end
     perm = tuple((i, (i + 1) % size) for i in range(size))
 
     def step(carry, s):
@@ -240,7 +241,7 @@ def _ring_fn(plan: _Plan, call: Call):
       return (out, lse, jax.lax.ppermute(kv_side, axis, perm)), None
 
     (out, lse, _), _ = jax.lax.scan(step, (out, lse, kv_side), jnp.arange(size))
-    return out, lse
+    return out.astype(q.dtype), lse
 
   def fetch(x, s):
     """``x`` as held by device ``me - s`` (one transfer; linear, so it transposes)."""
