@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal
+from conftest import examples, normal
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -162,7 +162,8 @@ def compare_float32(fast, slow, q, k, v, opts):
   ]
 
 
-@settings(max_examples=14, deadline=None)
+@pytest.mark.slow
+@settings(max_examples=examples(14))
 @with_edge_cases
 @given(problems())
 def test_blockwise_equals_naive_outputs_lse_and_gradients_float32(problem):
@@ -191,7 +192,8 @@ def compare_float64(fast, slow, q, k, v, opts):
   return results
 
 
-@settings(max_examples=8, deadline=None)
+@pytest.mark.slow
+@settings(max_examples=examples(8))
 @with_edge_cases
 @given(problems())
 def test_blockwise_equals_naive_float64_forward_and_reverse(problem):
@@ -202,6 +204,7 @@ def test_blockwise_equals_naive_float64_forward_and_reverse(problem):
       assert_allclose(a, b, atol=1e-11, rtol=1e-11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "opts",
   [{}, dict(is_causal=True), dict(local_window_size=(2, 1), key_value_seq_lengths="lengths")],
@@ -218,6 +221,7 @@ def test_check_grads_order_two_forward_and_reverse(rng, opts):
     check_grads(fn, (q, k, v), order=2, modes=("fwd", "rev"))
 
 
+@pytest.mark.slow
 def test_hessian_vector_product_and_jacfwd_match_naive(rng):
   with jax.enable_x64(True):
     q, k, v = (normal(rng, (6, 2, 3), np.float64) for _ in range(3))
@@ -404,6 +408,12 @@ def test_auto_implementation_and_errors(rng):
   assert w.shape == (1, 300, 300)  # ... but the naive one when the weights are asked for
   short = str(jax.make_jaxpr(jattn.dot_product_attention)(q, k, v))
   assert "custom_jvp_call" not in short
+  # The threshold is 256 x 256 scores, as the README says: T * S = 65,280 naive, 65,536 not.
+  for T, blockwise in ((255, False), (256, True)):
+    q = jax.ShapeDtypeStruct((T, 1, 2), jnp.float32)
+    kv = jax.ShapeDtypeStruct((256, 1, 2), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(jattn.dot_product_attention)(q, kv, kv))
+    assert ("custom_jvp_call" in jaxpr) == blockwise, T
 
 
 # --- memory: O(N), measured by XLA and by the operating system --------------------------------
@@ -435,6 +445,7 @@ def test_memory_grows_linearly_not_quadratically(mode):
   assert blockwise_8k < 2.5 * blockwise_4k  # linear in T, not 4x
 
 
+@pytest.mark.slow
 def test_peak_resident_memory_of_forward_and_backward_in_a_subprocess():
   """At (1, 8192, 8, 64) the naive path needs > 10 GB; blockwise stays under 1 GB resident."""
   script = textwrap.dedent(

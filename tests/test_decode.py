@@ -38,6 +38,7 @@ def test_token_by_token_equals_causal_attention(rng, params, batch):
   np.testing.assert_array_equal(cache["key"][..., 7:, :, :], 0.0)
 
 
+@pytest.mark.slow
 def test_chunked_prefill_then_decode_with_a_sliding_window(rng, params):
   x = normal(rng, (2, 10, 6))
   full = jattn.self_attention(params, x, is_causal=True, local_window_size=(3, 0))

@@ -156,7 +156,9 @@ def test_params_errors_name_the_problem():
     jattn.self_attention([1, 2], x)
   with pytest.raises(ValueError, match=r"x_q \(2, 3, 4\) and x_kv \(3, 3, 4\)"):
     jattn.attention(params, jnp.ones((2, 3, 4)), jnp.ones((3, 3, 4)))
-  with pytest.raises(TypeError, match=r"unknown option\(s\) \['is_casual'\]"):
+  with pytest.raises(
+    TypeError, match=r"option\(s\) \['is_casual'\]; the options are \['bias', 'mask',"
+  ):
     jattn.self_attention(params, x, is_casual=True)  # a typo is an error, never ignored
 
 

@@ -26,6 +26,7 @@ def env_with_devices(count: int) -> dict[str, str]:
   return env
 
 
+@pytest.mark.slow
 def test_on_eight_simulated_devices():
   result = subprocess.run(
     [
@@ -56,6 +57,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_joined_by_jax_distributed():
   port, processes = free_port(), []
   try:
@@ -127,3 +129,23 @@ def test_zigzag_order_pairs_early_and_late_chunks():
       axis_name="seq",
       layout="spiral",
     )
+
+
+def causal_work_per_step(order, P):
+  """Visible causal (query, key) pairs of device d at ring step s, from the definition: d's
+  queries against the keys of device (d - s) mod P, whose block it holds at that step."""
+  held = np.asarray(order).reshape(P, -1)  # the positions each device holds
+  return np.array(
+    [[np.sum(held[d][:, None] >= held[(d - s) % P][None, :]) for d in range(P)] for s in range(P)]
+  )
+
+
+@pytest.mark.parametrize("P", [2, 4, 8])
+def test_zigzag_gives_every_device_the_same_causal_work_at_every_ring_step(P):
+  T = 8 * P
+  zigzag = causal_work_per_step(jattn.zigzag_order(T, P), P)
+  assert np.all(zigzag == zigzag[:, :1])  # each step: the same work on every device
+  assert zigzag.sum() == T * (T + 1) // 2  # every visible pair once
+  contiguous = causal_work_per_step(np.arange(T), P)
+  assert contiguous[0].tolist() == [36] * P  # the diagonal block: 8 * 9 / 2 pairs each
+  assert contiguous[1:, 0].tolist() == [0] * (P - 1)  # device 0 then idles
