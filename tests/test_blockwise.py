@@ -409,11 +409,11 @@ def test_auto_implementation_and_errors(rng):
   short = str(jax.make_jaxpr(jattn.dot_product_attention)(q, k, v))
   assert "custom_jvp_call" not in short
   # The threshold is 256 x 256 scores, as the README says: T * S = 65,280 naive, 65,536 not.
-  for T, blockwise in ((255, False), (256, True)):
+  for T, tiled in ((255, False), (256, True)):
     q = jax.ShapeDtypeStruct((T, 1, 2), jnp.float32)
     kv = jax.ShapeDtypeStruct((256, 1, 2), jnp.float32)
     jaxpr = str(jax.make_jaxpr(jattn.dot_product_attention)(q, kv, kv))
-    assert ("custom_jvp_call" in jaxpr) == blockwise, T
+    assert ("custom_jvp_call" in jaxpr) == tiled, T
 
 
 # --- memory: O(N), measured by XLA and by the operating system --------------------------------
