@@ -445,6 +445,16 @@ def test_memory_grows_linearly_not_quadratically(mode):
   assert blockwise_8k < 2.5 * blockwise_4k  # linear in T, not 4x
 
 
+def test_attention_stats_memory_grows_with_t_not_t_times_s():
+  def measure(T):
+    q = jax.ShapeDtypeStruct((1, T, 1, 16), jnp.float32)
+    return compiled_temp_bytes(lambda q, k: jattn.attention_stats(q, k, is_causal=True), q, q)
+
+  small, large = measure(2048), measure(8192)
+  assert large < 8192 * 8192 * 4 / 16  # measured 2.7 MB; the (T, S) scores are 268 MB
+  assert large < 2 * small  # 4x the tokens: +17% measured (buffers of fixed size dominate)
+
+
 @pytest.mark.slow
 def test_peak_resident_memory_of_forward_and_backward_in_a_subprocess():
   """At (1, 8192, 8, 64) the naive path needs > 10 GB; blockwise stays under 1 GB resident."""
