@@ -887,7 +887,9 @@ def linen_module_output_shape(case):
   return (*case["q"][:-1], case["options"].get("out_features", case["q"][-1]))
 
 
-def linen_parity_inputs(case):
+def parity_inputs(case):
+  """``(q, kv, v, mask)`` of a parity case: a padding mask with ``"pad"``, Flax's causal mask
+  (from ``make_causal_mask``) with ``"causal"``."""
   q = normal(10, case["q"])
   kv = normal(11, case["kv"]) if "kv" in case else None
   v = normal(12, case["kv"]) if "kv" in case else None
@@ -928,7 +930,7 @@ def test_jattn_linen_matches_flax(case):
   case = LINEN_PARITY_CASES[case]
   flax_module = nn.MultiHeadDotProductAttention(**case["options"])
   jattn_module = load("jattn").linen.MultiHeadDotProductAttention(**case["options"])
-  q, kv, v, mask = linen_parity_inputs(case)
+  q, kv, v, mask = parity_inputs(case)
   initial = jax.jit(flax_module.init)(key(0), q, kv, v)  # same rng, same initial params
   assert_trees_equal(jax.jit(jattn_module.init)(key(0), q, kv, v), initial)
   variables = perturb(initial, 1)
@@ -1005,12 +1007,7 @@ def test_jattn_nnx_matches_flax(case):
   params = perturb(expected_params, 1)
   set_params(flax_module, params)
   set_params(jattn_module, params)
-  q = normal(10, case["q"])
-  kv = normal(11, case["kv"]) if "kv" in case else None
-  v = normal(12, case["kv"]) if "kv" in case else None
-  mask = None
-  if case.get("pad"):
-    mask = padding_mask(case["q"], case["kv"])
+  q, kv, v, mask = parity_inputs(case)
   call = dict(mask=mask, is_causal=case.get("is_causal", False))
 
   def run(module):
