@@ -1,6 +1,7 @@
 """`jattn demo`: the walkthrough printed step by step, the map saved, bad input refused;
 `jattn train`: bad flags, divergence, mixed runs and Ctrl-C give one line, never a traceback;
-`jattn bench`: what plain and full runs would run, and a tiny run of each kind of case."""
+`jattn bench`: what plain and full runs would run (the groups, split and merged), and a tiny
+run of each kind of case."""
 
 import importlib.util
 import io
@@ -261,9 +262,16 @@ def planned(monkeypatch):
   """The cases a bench run would run (each takes seconds to minutes), recorded, not run."""
   cases = []
 
-  def run_case(impl, shape, mode, repeats, timeout, memory_limit_gb):
-    cases.append((impl, shape, mode, repeats, timeout, memory_limit_gb))
-    return {"impl": impl, "shape": list(shape), "mode": mode, "median_ms": 1.0, "peak_rss_mb": 1.0}
+  def run_case(impl, shape, mode, repeats, timeout, memory_limit_gb, variant="plain"):
+    cases.append((impl, shape, mode, variant, repeats, timeout, memory_limit_gb))
+    return {
+      "impl": impl,
+      "variant": variant,
+      "shape": list(shape),
+      "mode": mode,
+      "median_ms": 1.0,
+      "peak_rss_mb": 1.0,
+    }
 
   monkeypatch.setattr(_bench, "run_case", run_case)
   monkeypatch.setattr(_bench, "matmul_peak_gflops", lambda: 100.0)
@@ -271,8 +279,13 @@ def planned(monkeypatch):
 
 
 def plan(shapes, repeats):
-  impls = [i for i in _bench.IMPLEMENTATIONS if i != "torch-sdpa" or HAS_TORCH]
-  return [(i, s, m, repeats, 900, 20.0) for s in shapes for m in ("fwd", "fwd+bwd") for i in impls]
+  impls = [i for i in _bench.IMPLEMENTATIONS if _bench.available(i)]
+  return [
+    (i, s, m, "plain", repeats, 900, 20.0)
+    for s in shapes
+    for m in ("fwd", "fwd+bwd")
+    for i in impls
+  ]
 
 
 def test_plain_bench_plans_every_implementation_and_mode_at_the_quick_shape(planned, capsys):
@@ -285,13 +298,94 @@ def test_plain_bench_plans_every_implementation_and_mode_at_the_quick_shape(plan
     assert "| (4, 1024, 8, 64) | fwd+bwd | torch-sdpa | 1 |" in table
 
 
-def test_the_full_benchmark_script_plans_the_issues_shapes(planned, tmp_path, monkeypatch):
+ALL = (
+  "jattn-blockwise",
+  "jattn-naive",
+  "jax.nn",
+  "flax.linen",
+  "torch-sdpa",
+  "tokamax-xla-chunked",
+)
+# The speed issue's full run, written out: (variant, modes, shapes, implementations).
+ISSUE_CASES = (
+  ("plain", ("fwd", "fwd+bwd"), ((4, 1024, 8, 64), (1, 8192, 8, 64), (1, 32768, 8, 64)), ALL),
+  ("plain", ("jvp",), ((1, 4096, 8, 64),), ALL),  # torch and tokamax: skipped, no forward mode
+  ("causal", ("fwd+bwd",), ((1, 8192, 8, 64),), ("jattn-blockwise", "torch-sdpa", ALL[-1])),
+  ("bf16", ("fwd", "fwd+bwd"), ((4, 1024, 8, 64),), ("jattn-blockwise", "jax.nn", "torch-sdpa")),
+  ("gqa", ("fwd", "fwd+bwd"), ((4, 1024, 8, 64),), ("jattn-blockwise", *ALL[2:])),  # flax: skipped
+  ("decode", ("fwd",), ((1, 8192, 8, 64),), ("jattn.decode_step", "flax.nnx")),
+)
+
+
+def test_the_full_benchmark_script_plans_the_issues_cases(planned, tmp_path, monkeypatch):
   monkeypatch.setattr(sys, "argv", [str(BENCH_ATTENTION), "--repeats", "1", "--out", str(tmp_path)])
   with pytest.raises(SystemExit) as exit_info:
     runpy.run_path(str(BENCH_ATTENTION), run_name="__main__")
   assert exit_info.value.code == 0
-  assert planned == plan([(4, 1024, 8, 64), (1, 8192, 8, 64), (1, 32768, 8, 64)], repeats=1)
-  assert (tmp_path / "results.md").read_text().count("torch-sdpa") == (6 if HAS_TORCH else 0)
+  expected = [
+    (i, s, m, variant, 1, 900, 20.0)
+    for variant, modes, shapes, impls in ISSUE_CASES
+    for s in shapes
+    for m in modes
+    for i in impls
+    if _bench.available(i)
+  ]
+  assert planned == expected
+  table = (tmp_path / "results.md").read_text()
+  # plain fwd/fwd+bwd 6, jvp 1, causal 1, bf16 2, gqa 2
+  assert table.count("torch-sdpa |") == (12 if HAS_TORCH else 0)
+  assert "| decode | (1, 8192, 8, 64) | fwd | flax.nnx | 1 |" in table
+
+
+def test_the_full_run_splits_by_variant_and_merges(planned, tmp_path):
+  def bench(*args):
+    assert _bench.main([*args, "--repeats", "1", "--out", str(tmp_path)], full=True) == 0
+    return json.loads((tmp_path / "results.json").read_text())["results"]
+
+  first = bench("--variants", "plain,causal", "--modes", "fwd+bwd", "--impls", "jattn-blockwise")
+  assert [(r["variant"], r["shape"][1]) for r in first] == [
+    ("plain", 1024),
+    ("plain", 8192),
+    ("plain", 32768),
+    ("causal", 8192),
+  ]
+  # The second part adds its cases; one run again replaces its earlier record.
+  merged = bench("--variants", "decode,causal", "--impls", "jattn-blockwise,flax.nnx", "--merge")
+  assert [(r["variant"], r["impl"]) for r in merged] == [
+    ("plain", "jattn-blockwise"),
+    ("plain", "jattn-blockwise"),
+    ("plain", "jattn-blockwise"),
+    ("causal", "jattn-blockwise"),
+    ("decode", "flax.nnx"),
+  ]
+  assert len(planned) == 6
+  table = (tmp_path / "results.md").read_text()
+  assert table.count("| causal |") == 1 and "| decode |" in table
+
+
+def test_the_full_benchmark_help_lists_its_groups_and_filters(capsys, monkeypatch):
+  monkeypatch.setattr(sys, "argv", [str(BENCH_ATTENTION), "--help"])
+  with pytest.raises(SystemExit) as exit_info:
+    runpy.run_path(str(BENCH_ATTENTION), run_name="__main__")
+  assert exit_info.value.code == 0
+  text = capsys.readouterr().out
+  assert text.startswith("usage: bench_attention.py")
+  for flag in ("--variants", "--modes", "--impls", "--shapes", "--merge"):
+    assert flag in text
+  assert "gqa     fwd/fwd+bwd  (4,1024,8,64): jattn-blockwise, jax.nn," in text
+  assert "decode  fwd          (1,8192,8,64): jattn.decode_step, flax.nnx" in text
+
+
+def test_bench_rejects_unknown_names_and_empty_selections(capsys):
+  for args, message in (
+    (["--variants", "sparse"], "--variants: unknown ['sparse']"),
+    (["--modes", "jvp,hvp"], "--modes: unknown ['hvp']"),
+    (["--variants", "decode", "--impls", "jax.nn"], "no case of the set matches"),
+  ):
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main(["bench", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
