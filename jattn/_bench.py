@@ -161,7 +161,10 @@ def _jax_attend(impl: str, shape, variant: str):
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
   if impl == "tokamax-xla-chunked":
     import tokamax
+    from absl import flags
 
+    if not flags.FLAGS.is_parsed():  # else tokamax parses (and rejects) this process's arguments
+      flags.FLAGS(sys.argv[:1])
     return lambda q, k, v: tokamax.dot_product_attention(
       q, k, v, is_causal=causal, implementation="xla_chunked"
     )
@@ -615,8 +618,6 @@ def main(argv: list[str] | None = None, *, full: bool = False, prog: str = "jatt
   )
   args = parser.parse_args(argv)
   if args.worker:
-    # tokamax defines absl flags, which would parse (and reject) this process's arguments.
-    sys.argv = sys.argv[:1]
     impl, shape, mode, repeats, variant = args.worker
     shape = tuple(map(int, shape.split(",")))
     print(json.dumps(worker(impl, shape, mode, int(repeats), variant)))
