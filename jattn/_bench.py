@@ -180,7 +180,11 @@ def _jax_attend(impl: str, shape, variant: str):
   )
 
 
-def _jax_case(impl: str, shape, mode: str, variant: str = "plain"):
+def jax_inputs(shape, variant: str = "plain"):
+  """q, k, v, then the cotangent g (fwd+bwd) or the tangents (g, dk, dv) (jvp), (B, T, ., H).
+
+  float32, or bfloat16 in the bf16 variant; keys and values have N // GQA_GROUP heads in gqa.
+  """
   import jax
   import jax.numpy as jnp
 
@@ -188,10 +192,17 @@ def _jax_case(impl: str, shape, mode: str, variant: str = "plain"):
   K = _heads(variant, N)
   dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32
   keys = jax.random.split(jax.random.key(0), 6)
-  sizes = (N, K, K, N, K, K)  # q, k, v, then the cotangent or the tangents dq, dk, dv
-  q, k, v, g, dk, dv = (
+  sizes = (N, K, K, N, K, K)
+  return tuple(
     jax.random.normal(key, (B, T, n, H), dtype) for key, n in zip(keys, sizes, strict=True)
   )
+
+
+def _jax_case(impl: str, shape, mode: str, variant: str = "plain"):
+  import jax
+  import jax.numpy as jnp
+
+  q, k, v, g, dk, dv = jax_inputs(shape, variant)
   attend = _jax_attend(impl, shape, variant)
   if mode == "fwd":
     step = jax.jit(attend)

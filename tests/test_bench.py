@@ -126,6 +126,17 @@ def test_unsupported_cases_are_skipped_with_their_reason_without_a_process():
   assert gqa["skipped"] == "gqa needs N a multiple of 8, got N=4"
 
 
+@pytest.mark.parametrize("variant", ["plain", "bf16", "gqa"])
+def test_the_jax_inputs_of_each_variant(variant):
+  B, T, N, H = SHAPE
+  K = 1 if variant == "gqa" else N
+  dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32
+  q, k, v, g, dk, dv = _bench.jax_inputs(SHAPE, variant)
+  assert q.shape == g.shape == (B, T, N, H)  # g: the cotangent, or q's tangent in jvp
+  assert k.shape == v.shape == dk.shape == dv.shape == (B, T, K, H)
+  assert {x.dtype for x in (q, k, v, g, dk, dv)} == {jnp.dtype(dtype)}
+
+
 def reference(q, k, v, causal):
   """Attention in float64 NumPy, (B, T, N, H), key/value heads repeated for GQA."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
