@@ -518,20 +518,27 @@ def _pad_axis(x: Array, axis: int, size: int, fill=0) -> Array:
   return jnp.pad(x, widths, constant_values=fill)
 
 
-# Default tiles: all keys in one block up to this length, and about this many
-# scores per tile (8 MB in float32). Measured on CPU (benchmarks/README.md): one key
-# block beats several by ~40% in reverse mode, and small query blocks keep a tile
-# in cache. A mask that can hide whole tiles takes key tiles of STRUCTURED_BLOCK_KV:
-# the skipped work then pays for the extra rescaling.
+# Default tiles (benchmarks/README.md, "Tile sizes"). Without a mask that can hide
+# tiles: all keys in one block up to MAX_BLOCK_KV (several key blocks cost 1.6x to
+# 2.5x more per tile in reverse mode on XLA:CPU) and as many queries as make about
+# TILE_SCORES scores per tile (16 MB in float32), between 16 and MAX_BLOCK_Q: fewer,
+# larger tiles run faster (fewer loop steps, larger dots) until a tile no longer
+# stays near the cache: 1,024 x 1,024, 512 x 8,192, 128 x 32,768. A mask that can
+# hide whole tiles takes STRUCTURED_BLOCK_Q x STRUCTURED_BLOCK_KV tiles: the skipped
+# work then pays for the extra key blocks.
 MAX_BLOCK_KV = 32768
+MAX_BLOCK_Q = 1024
+TILE_SCORES = 1 << 22
+STRUCTURED_BLOCK_Q = 256
 STRUCTURED_BLOCK_KV = 1024
-TILE_SCORES = 1 << 21
 
 
 def default_blocks(T: int, S: int, structured: bool = False) -> tuple[int, int]:
-  """``(block_q, block_kv)`` for ``T`` queries and ``S`` keys."""
-  bk = min(S, STRUCTURED_BLOCK_KV if structured else MAX_BLOCK_KV)
-  bq = max(16, min(256, TILE_SCORES // bk))
+  """``(block_q, block_kv)`` for ``T`` queries and ``S`` keys (the rule above)."""
+  if structured:
+    return min(T, STRUCTURED_BLOCK_Q), min(S, STRUCTURED_BLOCK_KV)
+  bk = min(S, MAX_BLOCK_KV)
+  bq = max(16, min(MAX_BLOCK_Q, TILE_SCORES // bk))
   return min(T, bq), bk
 
 
