@@ -227,13 +227,17 @@ def _torch_case(shape, mode: str, variant: str = "plain"):
   kwargs = {}
   if variant == "causal":
     kwargs["is_causal"] = True
-  if variant == "gqa":
-    kwargs["enable_gqa"] = True
+
+  def attend(q, k, v):
+    if K != N:  # torch 2.13's enable_gqa=True backward is ~60x slower on CPU than this
+      k, v = k.repeat_interleave(N // K, dim=1), v.repeat_interleave(N // K, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
   if mode == "fwd":
 
     def run():
       with torch.no_grad():
-        F.scaled_dot_product_attention(q, k, v, **kwargs)
+        attend(q, k, v)
 
     return run
   q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -241,7 +245,7 @@ def _torch_case(shape, mode: str, variant: str = "plain"):
   def run_backward():
     for t in (q, k, v):
       t.grad = None
-    F.scaled_dot_product_attention(q, k, v, **kwargs).backward(g)
+    attend(q, k, v).backward(g)
 
   return run_backward
 
@@ -442,7 +446,8 @@ NOTES = {
   "bf16": "bf16: q, k, v and the cotangent (torch: tensors) in bfloat16; % of peak is of the "
   "float32 matmul peak.",
   "gqa": f"gqa: grouped-query attention, N / {GQA_GROUP} key/value heads ({GQA_GROUP} query "
-  "heads each; torch: enable_gqa=True); FLOPs counted as plain (N query heads).",
+  "heads each; torch repeats the key/value heads, as its enable_gqa=True backward was ~60x "
+  "slower on CPU); FLOPs counted as plain (N query heads).",
   "decode": "decode: one jitted decoding step of flax.nnx.MultiHeadAttention(decode=True) and "
   "of jattn.decode_step with the same weights (F = N * H features, no biases): projections of "
   "one new token, the cache update, attention over a cache of T positions (T - 1 pre-filled "

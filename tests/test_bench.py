@@ -187,10 +187,11 @@ def test_the_torch_case_of_each_variant(variant, monkeypatch):
   for mode in ("fwd", "fwd+bwd"):
     _bench._torch_case(SHAPE, mode, variant)()
   for q, k, v, kwargs in calls:
-    assert q.shape == (B, N, T, H)  # torch's layout
-    assert k.shape == v.shape == (B, 1 if variant == "gqa" else N, T, H)
+    assert q.shape == k.shape == v.shape == (B, N, T, H)  # torch's layout; gqa: heads repeated
     assert q.dtype == (torch.bfloat16 if variant == "bf16" else torch.float32)
-    assert kwargs == {"causal": {"is_causal": True}, "gqa": {"enable_gqa": True}}.get(variant, {})
+    assert kwargs == {"causal": {"is_causal": True}}.get(variant, {})
+    if variant == "gqa":  # each key/value head serves GQA_GROUP consecutive query heads
+      torch.testing.assert_close(k, k[:, :1].expand(B, N, T, H))
 
 
 def test_decode_steps_agree_and_keep_their_cache_index():
