@@ -295,10 +295,13 @@ def _sweep(tile_fn, q_side: QTile, heads: Heads, aux: Aux, mods: Mods) -> Any:
 def _kv_scan(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, step, init, remat=False):
   """Scans ``step(carry, j, kv_tile, aux, masked)`` over the key tiles of one head group.
 
-  Hidden tiles keep the carry; full tiles run ``step`` without the element mask.
-  With ``remat``, the whole step, tile skipping included, is recomputed in the
-  transposed (reverse-mode) sweep, so its only residuals are its inputs: slices
-  of the keys and values that the scan forwards without copying. (A checkpoint
+  Hidden tiles keep the carry; full tiles run ``step`` without the element mask. A
+  single key tile always runs with the element mask: the three-way ``lax.switch``
+  cost more than it can skip there (masked (4, 1024, 8, 64) causal forward+backward
+  311 ms with it, 249 without; probe). With ``remat``, the whole step, tile
+  skipping included, is recomputed in the transposed (reverse-mode) sweep, so its
+  only residuals are its inputs: slices of the keys and values that the scan
+  forwards without copying. (A checkpoint
   inside the branches would make them save per-tile copies of the key and value
   blocks: O(T * S / block_q) memory.)
   """
@@ -311,6 +314,8 @@ def _kv_scan(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, step, init, 
     aux_j = _merge(aux_j, aux_c)
     if not cfg.masked:
       return step(carry, j, kv, aux_j, False), None
+    if cfg.nk == 1:  # the element mask alone, no branch
+      return step(carry, j, kv, aux_j, True), None
     branches = (
       lambda: carry,  # HIDDEN
       lambda: step(carry, j, kv, aux_j, True),  # PARTIAL
@@ -520,25 +525,27 @@ def _pad_axis(x: Array, axis: int, size: int, fill=0) -> Array:
 
 # Default tiles (benchmarks/README.md, "Tile sizes"). Without a mask that can hide
 # tiles: all keys in one block up to MAX_BLOCK_KV (several key blocks cost 1.6x to
-# 2.5x more per tile in reverse mode on XLA:CPU) and as many queries as make about
-# TILE_SCORES scores per tile (16 MB in float32), between 16 and MAX_BLOCK_Q: fewer,
-# larger tiles run faster (fewer loop steps, larger dots) until a tile no longer
-# stays near the cache: 1,024 x 1,024, 512 x 8,192, 128 x 32,768. A mask that can
-# hide whole tiles takes STRUCTURED_BLOCK_Q x STRUCTURED_BLOCK_KV tiles: the skipped
-# work then pays for the extra key blocks.
+# 2.5x more per tile in reverse mode on XLA:CPU), and as many query rows as make about
+# TILE_SCORES scores per tile (16 MB in float32), at most MAX_TILE_ROWS. A tile's rows
+# are its block_q queries times the query heads sharing a key/value head (grouped-query
+# attention), which its dots process at once. Measured best on 2 cores: 1,024 x 1,024,
+# 512 x 8,192, 128 x 32,768; 8 heads x 256 queries x 1,024. A mask that can hide whole
+# tiles takes STRUCTURED_BLOCK_Q x STRUCTURED_BLOCK_KV tiles: the skipped work then pays
+# for the extra key blocks.
 MAX_BLOCK_KV = 32768
-MAX_BLOCK_Q = 1024
+MAX_TILE_ROWS = 2048
 TILE_SCORES = 1 << 22
 STRUCTURED_BLOCK_Q = 256
 STRUCTURED_BLOCK_KV = 1024
 
 
-def default_blocks(T: int, S: int, structured: bool = False) -> tuple[int, int]:
-  """``(block_q, block_kv)`` for ``T`` queries and ``S`` keys (the rule above)."""
+def default_blocks(T: int, S: int, structured: bool = False, group: int = 1) -> tuple[int, int]:
+  """``(block_q, block_kv)`` for ``T`` queries, ``S`` keys and ``group`` query heads per
+  key/value head (the rule above)."""
   if structured:
     return min(T, STRUCTURED_BLOCK_Q), min(S, STRUCTURED_BLOCK_KV)
   bk = min(S, MAX_BLOCK_KV)
-  bq = max(16, min(MAX_BLOCK_Q, TILE_SCORES // bk))
+  bq = max(16, min(MAX_TILE_ROWS, TILE_SCORES // bk) // group)
   return min(T, bq), bk
 
 
@@ -548,7 +555,7 @@ def run(call: Call, want_stats: bool = False):
   query, key, value, dims, m = call.q, call.k, call.v, call.dims, call.mask
   batch, T, S, N, K, H, D = dims
   G, B = N // K, math.prod(batch)
-  d_bq, d_bk = default_blocks(T, S, m.structured)
+  d_bq, d_bk = default_blocks(T, S, m.structured, G)
   bq = min(call.block_q or d_bq, T)
   bk = min(call.block_kv or d_bk, S)
   nq, nk = -(-T // bq), -(-S // bk)
