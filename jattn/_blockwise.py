@@ -301,9 +301,8 @@ def _kv_scan(cfg: Config, i, q_tile: QTile, heads: Heads, aux: Aux, step, init, 
   311 ms with it, 249 without; probe). With ``remat``, the whole step, tile
   skipping included, is recomputed in the transposed (reverse-mode) sweep, so its
   only residuals are its inputs: slices of the keys and values that the scan
-  forwards without copying. (A checkpoint
-  inside the branches would make them save per-tile copies of the key and value
-  blocks: O(T * S / block_q) memory.)
+  forwards without copying. (A checkpoint inside the branches would make them save
+  per-tile copies of the key and value blocks: O(T * S / block_q) memory.)
   """
   aux_kv, aux_c = _split(aux)
   blocks = KVTile(heads.k, heads.v, heads.dk, heads.dv, heads.kv_seg, heads.kv_pos)

@@ -416,6 +416,31 @@ def test_auto_implementation_and_errors(rng):
     assert ("custom_jvp_call" in jaxpr) == tiled, T
 
 
+def test_default_tiles_follow_the_documented_rule(monkeypatch):
+  """benchmarks/README.md's "Tile sizes": the measured shapes, and grouped heads counted."""
+  from jattn._blockwise import default_blocks
+
+  assert default_blocks(1024, 1024) == (1024, 1024)
+  assert default_blocks(8192, 8192) == (512, 8192)
+  assert default_blocks(32768, 32768) == (128, 32768)
+  assert default_blocks(65536, 65536) == (128, 32768)  # key blocks of 32,768 beyond
+  assert default_blocks(1024, 1024, group=8) == (256, 1024)  # 8 heads x 256 rows per tile
+  assert default_blocks(32768, 32768, group=64) == (16, 32768)  # never under 16 queries
+  assert default_blocks(8192, 8192, structured=True) == (256, 1024)
+  assert default_blocks(100, 40) == (100, 40)  # never past the problem
+  seen = []
+  spy = lambda *args: seen.append(args) or default_blocks(*args)  # noqa: E731
+  monkeypatch.setattr(jattn._blockwise, "default_blocks", spy)
+  q = jax.ShapeDtypeStruct((2, 64, 8, 4), jnp.float32)
+  kv = jax.ShapeDtypeStruct((2, 64, 2, 4), jnp.float32)
+  for causal in (False, True):
+    attend = functools.partial(
+      jattn.dot_product_attention, implementation="blockwise", is_causal=causal
+    )
+    jax.eval_shape(attend, q, kv, kv)
+  assert seen == [(64, 64, False, 4), (64, 64, True, 4)]  # G = 8 / 2 query heads per group
+
+
 # --- memory: O(N), measured by XLA and by the operating system --------------------------------
 
 
