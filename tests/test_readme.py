@@ -68,15 +68,35 @@ def check_training_step(modules):
   assert all(jax.tree.leaves({k: v for k, v in moved.items() if k != "embed"})), moved
 
 
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, README.parent / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def test_the_ring_balance_table_is_what_ring_balance_counts():
   """README's zig-zag table is ``benchmarks/ring_balance.py``'s output, verbatim."""
-  path = README.parent / "benchmarks" / "ring_balance.py"
-  spec = importlib.util.spec_from_file_location("ring_balance", path)
-  ring_balance = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(ring_balance)
-  table = ring_balance.balance_table()
+  table = _load("ring_balance").balance_table()
   assert table.strip() in README.read_text()
   rows = [line.strip("|").split("|") for line in table.strip().splitlines()[2:]]
   ratios = {name.strip(): (float(a), float(b)) for name, a, b in rows}
   assert ratios["none (one causal sequence)"] == (1.87, 1.0)  # zig-zag balances one sequence
   assert ratios["2 documents: 4,608 and 3,584"] == (1.72, 1.97)  # and can lose with documents
+
+
+def test_the_speed_table_is_the_committed_run():
+  """benchmarks/README.md's ratio table is ``bench_attention.py --summary`` of the committed
+  results.json, verbatim: the ratios quoted are those of one run, side by side."""
+  table = _load("bench_attention").summary_table()
+  assert table.strip() in (README.parent / "benchmarks" / "README.md").read_text()
+  rows = [line.strip("|").split("|") for line in table.strip().splitlines()[2:]]
+  assert {(v.strip(), m.strip()) for v, _, m, *_ in rows} >= {
+    ("plain", "fwd"),
+    ("plain", "fwd+bwd"),
+    ("plain", "jvp"),
+    ("causal", "fwd+bwd"),
+    ("bf16", "fwd"),
+    ("gqa", "fwd+bwd"),
+    ("decode", "fwd"),
+  }  # every case the speed issue asks to report
