@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import flax.linen
@@ -33,18 +32,13 @@ from flax import nnx
 
 import jattn.linen
 import jattn.nnx
+from jattn._bench import _time
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _median_s(fn, *args, repeats):
+  return statistics.median(_time(lambda: jax.block_until_ready(fn(*args)), repeats))
 
 
 def _steps(apply, variables, x):
@@ -86,8 +80,8 @@ def measure(shape, repeats):
       dict(
         shape=list(shape),
         module=name,
-        fwd_s=_time(forward, state, x, repeats=repeats),
-        fwd_bwd_s=_time(backward, state, x, repeats=repeats),
+        fwd_s=_median_s(forward, state, x, repeats=repeats),
+        fwd_bwd_s=_median_s(backward, state, x, repeats=repeats),
         temp_mb=memory.temp_size_in_bytes / 2**20 if memory is not None else None,
       )
     )

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 import jattn
+from jattn._bench import _time
 from jattn._blockwise import default_blocks
 from jattn._spec import AUTO_BLOCKWISE_MIN_SCORES
 
@@ -40,13 +40,8 @@ LENGTHS = (64, 128, 256, 512, 1024)
 
 
 def median_ms(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  """Median of ``repeats`` calls of ``fn(*args)``, after a compile-and-warm-up call."""
+  return 1e3 * statistics.median(_time(lambda: jax.block_until_ready(fn(*args)), repeats))
 
 
 def step(mode: str, **options):
