@@ -35,11 +35,12 @@ def summary_table(path: Path = RESULTS / "results.json") -> str:
     if ours is None:
       continue
     cells = []
-    for peer in PEERS if variant != "decode" else ("flax.nnx",):
+    for peer in PEERS:
+      if variant == "decode" and peer == "jax.nn":  # flax.nnx's decode step in this column
+        peer = "flax.nnx"
       other = impls.get(peer)
-      cells.append("—" if other is None else f"{other['median_ms'] / ours['median_ms']:.2f}x")
-    if variant == "decode":  # flax.nnx's decode step in the jax.nn column's place
-      cells = ["—", "—", f"{cells[0]} (flax.nnx)", "—"]
+      ratio = "—" if other is None else f"{other['median_ms'] / ours['median_ms']:.2f}x"
+      cells.append(f"{ratio} (flax.nnx)" if peer == "flax.nnx" and other else ratio)
     theirs = impls.get("jax.nn")
     rss = "—" if theirs is None else f"{theirs['peak_rss_mb']:.0f}"
     lines.append(
